@@ -1,0 +1,1 @@
+"""beamlines subpackage of nxrefine-bs."""

@@ -1,0 +1,1 @@
+"""callbacks subpackage of nxrefine-bs."""

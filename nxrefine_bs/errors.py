@@ -1,0 +1,95 @@
+"""The one error hierarchy of nxrefine-bs.
+
+Every error raised on purpose by this package derives from :class:`NXRefineBSError`
+and also from the built-in exception that fits (``ValueError``, ``KeyError``...), so
+callers can catch either.  Messages say what failed, where (file, entry, key, uid)
+and how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "NXRefineBSError",
+    "SettingsError",
+    "InvalidNameError",
+    "PathSafetyError",
+    "ExperimentError",
+    "TemplateError",
+    "ScanFileError",
+    "FileExistsNXError",
+    "BeamlineNotFoundError",
+    "MetadataError",
+    "DataLinkError",
+    "ReductionError",
+    "IndexingError",
+    "RefinementError",
+    "CalibrationError",
+    "WorkflowError",
+]
+
+
+class NXRefineBSError(Exception):
+    """Base class of every error raised on purpose by nxrefine-bs."""
+
+
+class SettingsError(NXRefineBSError, ValueError):
+    """A settings file or value is missing, unknown or of the wrong type."""
+
+
+class InvalidNameError(NXRefineBSError, ValueError):
+    """A sample, label, scan or experiment name is not a safe single path component."""
+
+
+class PathSafetyError(NXRefineBSError, ValueError):
+    """A path would leave the experiment tree or overwrite raw data."""
+
+
+class ExperimentError(NXRefineBSError, ValueError):
+    """An experiment directory is missing or malformed."""
+
+
+class TemplateError(NXRefineBSError, ValueError):
+    """A configuration template cannot be created or read."""
+
+
+class ScanFileError(NXRefineBSError, ValueError):
+    """A scan file cannot be created, read or updated."""
+
+
+class FileExistsNXError(NXRefineBSError, FileExistsError):
+    """A file exists and would be overwritten without ``overwrite=True``."""
+
+
+class BeamlineNotFoundError(NXRefineBSError, KeyError):
+    """No beamline class is registered under the requested name."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class MetadataError(NXRefineBSError, ValueError):
+    """Run metadata (start document, plan arguments) is missing or invalid."""
+
+
+class DataLinkError(NXRefineBSError, FileNotFoundError):
+    """A scan's external link to detector data points at a missing file or dataset."""
+
+
+class ReductionError(NXRefineBSError, RuntimeError):
+    """A reduction step failed."""
+
+
+class IndexingError(ReductionError):
+    """Peaks could not be indexed (too few peaks, wrong cell, phase transition...)."""
+
+
+class RefinementError(ReductionError):
+    """A least-squares refinement failed or did not converge."""
+
+
+class CalibrationError(NXRefineBSError, RuntimeError):
+    """Powder calibration failed (unreadable image, too few rings...)."""
+
+
+class WorkflowError(NXRefineBSError, RuntimeError):
+    """Queuing, executing or tracking reduction work failed."""

@@ -1,0 +1,1 @@
+"""nexus subpackage of nxrefine-bs."""

@@ -1,0 +1,1 @@
+"""plans subpackage of nxrefine-bs."""

@@ -1,0 +1,1 @@
+"""reduce subpackage of nxrefine-bs."""

@@ -1,0 +1,1 @@
+"""tiled subpackage of nxrefine-bs."""

@@ -1,0 +1,1 @@
+"""workflow subpackage of nxrefine-bs."""
