@@ -180,7 +180,9 @@ def reciprocal_parameters(
     def _angle(x: float, y: float, z: float) -> float:
         return math.degrees(
             math.acos(
-                np.clip((math.cos(y) * math.cos(z) - math.cos(x)) / (math.sin(y) * math.sin(z)), -1, 1)
+                np.clip(
+                    (math.cos(y) * math.cos(z) - math.cos(x)) / (math.sin(y) * math.sin(z)), -1, 1
+                )
             )
         )
 
@@ -299,7 +301,7 @@ class Geometry:
 
     @property
     def detector_axes(self) -> tuple[NDArray, NDArray, NDArray]:
-        """Lab vectors ``(ex, ey, origin)``: mm per pixel along x and y, and the beam-centre point."""
+        """Lab vectors ``(ex, ey, origin)``: mm per pixel along x and y, and the beam centre."""
         m = self.Dinv @ self.O.T * self.pixel_size
         return m[:, 0], m[:, 1], np.array([self.distance, 0.0, 0.0])
 
@@ -314,7 +316,7 @@ class Geometry:
         return dx * ex + dy * ey + origin
 
     def pixel_q_lab(self, x: ArrayLike, y: ArrayLike) -> NDArray[np.float64]:
-        """Scattering vectors ``(s_hat - x_hat)/lambda`` in 1/Angstrom at phi = 0 offsets ignored."""
+        """Scattering vectors ``(s_hat - x_hat)/lambda`` (1/Angstrom); sample offset ignored."""
         s = self.pixel_vectors(x, y)
         s = s / np.linalg.norm(s, axis=-1, keepdims=True)
         s[..., 0] -= 1.0
@@ -360,9 +362,7 @@ class Geometry:
         return qc @ np.linalg.inv(np.asarray(ub, dtype=np.float64)).T
 
     # ------------------------------------------------------------------ HKL -> pixels
-    def predict(
-        self, hkl: ArrayLike, ub: ArrayLike
-    ) -> dict[str, NDArray[np.float64]]:
+    def predict(self, hkl: ArrayLike, ub: ArrayLike) -> dict[str, NDArray[np.float64]]:
         """Predict where reflections ``hkl`` cross the Ewald sphere and hit the detector.
 
         The sample offset is ignored.  Every reflection has up to two diffracting
@@ -419,16 +419,16 @@ class Geometry:
         good = np.abs(det) > 1e-12
         sol = np.full((len(sel), 3), np.nan)
         if good.any():
-            sol[good] = np.linalg.solve(mat[good], np.broadcast_to(origin, (good.sum(), 3))[..., None])[..., 0]
+            sol[good] = np.linalg.solve(
+                mat[good], np.broadcast_to(origin, (good.sum(), 3))[..., None]
+            )[..., 0]
         t, dx, dy = sol[:, 0], sol[:, 1], sol[:, 2]
         x = dx + self.beam_center_x
         y = dy + self.beam_center_y
         ny, nx = self.shape
         with np.errstate(invalid="ignore"):
             on = good & (t > 0) & (x >= 0) & (x <= nx - 1) & (y >= 0) & (y <= ny - 1)
-        two_theta = np.degrees(
-            np.arccos(np.clip(k_out[:, 0] * self.wavelength, -1.0, 1.0))
-        )
+        two_theta = np.degrees(np.arccos(np.clip(k_out[:, 0] * self.wavelength, -1.0, 1.0)))
         return {
             "hkl": hkl[sel],
             "phi": phi,
