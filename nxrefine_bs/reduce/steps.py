@@ -8,13 +8,26 @@ cheap and has no side effects.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..errors import WorkflowError
 
-__all__ = ["Step", "STEPS", "get_step", "STEP_ORDER"]
+__all__ = [
+    "Step",
+    "STEPS",
+    "STEP_ORDER",
+    "get_step",
+    "run_step",
+    "step_entries",
+    "step_parameters",
+]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,3 +96,85 @@ def get_step(name: str) -> Step:
         raise WorkflowError(
             f"unknown reduction step {name!r}; choose one of {', '.join(STEPS)}"
         ) from None
+
+
+SETTING_ALIASES: dict[str, dict[str, str]] = {
+    "max": {"first_frame": "first", "last_frame": "last", "polarization": "polarization"},
+    "find": {
+        "threshold": "threshold",
+        "min_pixels": "min_pixels",
+        "first_frame": "first",
+        "last_frame": "last",
+    },
+    "refine": {"polar_max": "polar_max", "hkl_tolerance": "hkl_tolerance"},
+    "prepare": {
+        "mask_t1": "t1",
+        "mask_h1": "h1",
+        "mask_t2": "t2",
+        "mask_h2": "h2",
+        "first_frame": "first",
+        "last_frame": "last",
+    },
+    "transform": {"norm": "norm", "first_frame": "first", "last_frame": "last"},
+    "combine": {},
+}
+"""For each step: ``[nxreduce]`` settings key -> keyword argument of the step function."""
+
+
+def step_parameters(
+    name: str, scan_file: str | os.PathLike[str], explicit: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Keyword arguments for step ``name``: explicit values over the settings layers.
+
+    Explicit values use the step function's argument names (``first``, ``threshold``,
+    ``t1``...); unset ones (None) are filled from the scan file, its parent, the
+    experiment's and the server's settings (see
+    :func:`nxrefine_bs.settings.resolve_parameters`).  Arguments that are not
+    settings (``qmin``, ``qh``...) pass through unchanged.
+    """
+    from ..settings import resolve_parameters
+
+    aliases = SETTING_ALIASES.get(get_step(name).name, {})
+    explicit = {k: v for k, v in (explicit or {}).items() if v is not None}
+    reverse = {arg: key for key, arg in aliases.items()}
+    as_settings = {reverse[k]: v for k, v in explicit.items() if k in reverse}
+    resolved = resolve_parameters(aliases, explicit=as_settings, scan_file=scan_file)
+    params = {aliases[key]: value for key, value in resolved.items()}
+    params.update({k: v for k, v in explicit.items() if k not in reverse})
+    return params
+
+
+def step_entries(
+    name: str, scan_file: str | os.PathLike[str], entries: Sequence[str] | None = None
+) -> list[str]:
+    """The entries step ``name`` runs on: the rotation entries (or a subset), or ``entry``."""
+    from ..nexus.scanfile import rotation_entries
+
+    if not get_step(name).per_entry:
+        return ["entry"]
+    available = rotation_entries(scan_file)
+    if not entries:
+        return available
+    unknown = [e for e in entries if e not in available]
+    if unknown:
+        raise WorkflowError(
+            f"{scan_file}: no rotation entries {', '.join(unknown)}; "
+            f"available: {', '.join(available) or 'none'}"
+        )
+    return list(entries)
+
+
+def run_step(
+    name: str,
+    scan_file: str | os.PathLike[str],
+    entry: str,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+    **explicit: Any,
+) -> dict[str, Any]:
+    """Run step ``name`` on one entry with parameters resolved through the settings layers."""
+    func = get_step(name).load()
+    params = step_parameters(name, scan_file, explicit)
+    logger.info("running %s on %s:%s with %s", name, scan_file, entry, params)
+    return func(Path(scan_file), entry, overwrite=overwrite, progress=progress, **params)

@@ -1,0 +1,115 @@
+"""Synthetic powder-calibration images from a known detector geometry.
+
+The rings are drawn by pyFAI itself (:meth:`pyFAI.calibrant.Calibrant.fake_calibration_image`
+through an :class:`~pyFAI.integrator.azimuthal.AzimuthalIntegrator` set up with the requested
+PONI geometry), so an image made here is, by construction, consistent with pyFAI's own
+geometry model.  They are used by the tests and benchmarks of :mod:`.powder`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..errors import CalibrationError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyFAI.detectors import Detector
+
+__all__ = ["simulate_powder_image"]
+
+logger = logging.getLogger(__name__)
+
+GAP_VALUE = -1.0
+"""Value written into masked pixels (module gaps, dead pixels), as Pilatus detectors do."""
+
+
+def simulate_powder_image(
+    detector: str | Detector,
+    calibrant: str = "CeO2",
+    *,
+    wavelength: float,
+    distance_m: float,
+    poni1: float,
+    poni2: float,
+    rot1: float = 0.0,
+    rot2: float = 0.0,
+    rot3: float = 0.0,
+    seed: int | None = 0,
+    background: float = 20.0,
+    peak_intensity: float = 1000.0,
+    fwhm_deg: float = 0.03,
+    noise: bool = True,
+) -> NDArray[np.float32]:
+    """Simulate a powder diffraction image of a calibrant on a pyFAI detector.
+
+    Parameters
+    ----------
+    detector : str or pyFAI.detectors.Detector
+        pyFAI detector name (e.g. ``"Pilatus CdTe 2M"``) or instance.
+    calibrant : str
+        pyFAI calibrant name (e.g. ``"CeO2"``, ``"LaB6"``).
+    wavelength : float
+        X-ray wavelength in **Angstrom** (the package-wide convention; pyFAI itself uses m).
+    distance_m, poni1, poni2 : float
+        PONI geometry in metres, exactly as in a pyFAI ``.poni`` file.
+    rot1, rot2, rot3 : float
+        pyFAI detector rotations in **radians**.
+    seed : int or None
+        Seed of the Poisson noise generator (``numpy.random.default_rng``).
+    background : float
+        Flat background level added to every pixel (counts).
+    peak_intensity : float
+        Peak height of the rings before the solid-angle correction (counts).
+    fwhm_deg : float
+        Full width at half maximum of every ring, in degrees of 2-theta.
+    noise : bool
+        Draw Poisson counts (``True``) or return the noise-free expectation.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float32`` image of the detector shape; pixels masked by the detector definition
+        (module gaps) hold ``-1``, like a Pilatus image.
+
+    Raises
+    ------
+    CalibrationError
+        If the detector or calibrant is unknown, or the wavelength does not look like Angstrom.
+    """
+    from pyFAI.integrator.azimuthal import AzimuthalIntegrator
+
+    from .powder import get_calibrant, get_detector
+
+    if not 1e-3 < wavelength < 100:
+        raise CalibrationError(
+            f"wavelength {wavelength!r} is not in Angstrom (expected roughly 0.1-5 A)"
+        )
+    det = get_detector(detector)
+    cal = get_calibrant(calibrant, wavelength)
+    ai = AzimuthalIntegrator(
+        dist=distance_m,
+        poni1=poni1,
+        poni2=poni2,
+        rot1=rot1,
+        rot2=rot2,
+        rot3=rot3,
+        detector=det,
+        wavelength=wavelength * 1e-10,
+    )
+    logger.debug("simulating %s rings on %s: %s", cal.name, det.name, ai)
+    rings = cal.fake_calibration_image(
+        ai, shape=det.shape, Imax=peak_intensity, Imin=0.0, resolution=fwhm_deg
+    )
+    expected = np.asarray(rings, dtype=np.float64) + background
+    if noise:
+        rng = np.random.default_rng(seed)
+        image = rng.poisson(np.clip(expected, 0.0, None)).astype(np.float32)
+    else:
+        image = expected.astype(np.float32)
+    if det.mask is not None:
+        image[np.asarray(det.mask, dtype=bool)] = GAP_VALUE
+    return image

@@ -1,0 +1,462 @@
+"""Scan files ``<sample>_<scan>.nxs``: creation from a template, entries, parents, links.
+
+A scan file lives in ``<experiment>/<sample>/<label>/`` next to its scan directory
+``<scan>/`` and holds::
+
+    /entry  (NXentry)
+        sample (NXsample): name, label, temperature (units)
+        instrument (NXinstrument, copied from the configuration)
+        nxscans (NXprocess): parent (file name, relative to the scan file), date
+    /f1 ... /fN  (NXentry, copied from the configuration)
+        sample -> hard link to /entry/sample
+        data (NXdata): data -> ExternalLink("<scan>/fN.h5", "/entry/data/data")
+
+Creating a scan file never deletes or overwrites anything in the scan directory:
+it holds raw data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .. import __version__
+from ..errors import (
+    DataLinkError,
+    ExperimentError,
+    FileExistsNXError,
+    InvalidNameError,
+    ScanFileError,
+)
+from ..experiment import EXPERIMENT_SUBDIRS, ScanPaths
+from .template import DATA_PATH, read_configuration
+
+__all__ = [
+    "locked",
+    "create_scan_file",
+    "rotation_entries",
+    "set_parent",
+    "find_parent",
+    "check_data_link",
+    "read_geometry",
+]
+
+logger = logging.getLogger(__name__)
+
+LOCK_TIMEOUT = 60.0
+"""Seconds :func:`locked` waits for another process before giving up."""
+
+
+@contextlib.contextmanager
+def locked(
+    path: str | os.PathLike[str], *, timeout: float = LOCK_TIMEOUT, poll: float = 0.05
+) -> Iterator[Path]:
+    """Hold an exclusive advisory lock on ``path`` (via ``<path>.lock``) in this block.
+
+    Every writer of a shared file (scan files, parents) takes this lock, so processes
+    and threads never write the same file at once.  The lock file is removed on exit.
+
+    Parameters
+    ----------
+    path : path-like
+        The file to protect (it need not exist).
+    timeout : float
+        Seconds to wait for the lock.
+    poll : float
+        Seconds between attempts.
+
+    Yields
+    ------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    ScanFileError
+        If the lock is not obtained within ``timeout`` seconds.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     with locked(pathlib.Path(d) / "a.nxs") as p:
+    ...         p.with_name("a.nxs.lock").exists()
+    True
+    """
+    import fcntl
+
+    path = Path(path)
+    lock_path = path.with_name(path.name + ".lock")
+    deadline = time.monotonic() + timeout
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            if time.monotonic() > deadline:
+                raise ScanFileError(
+                    f"timed out after {timeout:g} s waiting for the lock on {path}; if no "
+                    f"other nxrefine-bs process is writing it, delete {lock_path}"
+                ) from None
+            time.sleep(poll)
+            continue
+        # The holder before us may have removed the lock file: make sure ours is live.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _now() -> str:
+    return datetime.now().astimezone().isoformat()
+
+
+def _entry_key(name: str) -> tuple[str, int]:
+    stem = name.rstrip("0123456789")
+    return stem, int(name[len(stem) :])
+
+
+def rotation_entries(h5file: str | os.PathLike[str] | h5py.Group) -> list[str]:
+    """Names of the rotation entries (ending in a digit), sorted numerically.
+
+    Parameters
+    ----------
+    h5file : path-like or h5py.Group
+        A scan file, configuration or open h5py file.
+
+    Returns
+    -------
+    list of str
+        E.g. ``['f1', 'f2', 'f10']``.
+    """
+    if isinstance(h5file, h5py.Group):
+        names = [k for k in h5file if k[-1:].isdigit()]
+        return sorted(names, key=_entry_key)
+    path = Path(h5file)
+    try:
+        with h5py.File(path, "r") as f:
+            return rotation_entries(f)
+    except OSError as exc:
+        raise ScanFileError(f"cannot read {path}: {exc}") from exc
+
+
+def _relative(target: Path, start: Path) -> str:
+    return Path(os.path.relpath(os.path.abspath(target), os.path.abspath(start))).as_posix()
+
+
+def _write_parent(entry: h5py.Group, parent_name: str | None) -> None:
+    if parent_name is None:
+        if "nxscans" in entry and "parent" in entry["nxscans"]:
+            del entry["nxscans/parent"]
+        return
+    group = entry.require_group("nxscans")
+    group.attrs["NX_class"] = "NXprocess"
+    for name, value in (("parent", parent_name), ("date", _now())):
+        if name in group:
+            del group[name]
+        group.create_dataset(name, data=value)
+
+
+def create_scan_file(
+    template: str | os.PathLike[str],
+    experiment_dir: str | os.PathLike[str],
+    sample: str,
+    label: str,
+    scan: str,
+    *,
+    temperature: float | None = None,
+    temperature_units: str = "K",
+    parent: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    data_directory: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Create ``<experiment>/<sample>/<label>/<sample>_<scan>.nxs`` from a configuration.
+
+    The scan directory ``<scan>/`` is created if needed; nothing inside it is touched.
+
+    Parameters
+    ----------
+    template : path-like
+        Configuration file (see :mod:`nxrefine_bs.nexus.template`).
+    experiment_dir : path-like
+        Existing experiment directory.
+    sample, label, scan : str
+        Names (validated).
+    temperature : float, optional
+        Written to ``/entry/sample/temperature`` with ``temperature_units``.
+    temperature_units : str
+        Units of ``temperature``.
+    parent : path-like, optional
+        Parent scan file, recorded in ``/entry/nxscans/parent`` relative to the scan
+        file's directory.
+    overwrite : bool
+        Replace an existing scan file (atomically; the scan directory is kept).
+    data_directory : path-like, optional
+        Directory holding ``fN.h5`` (default: the scan directory, as for the ``sim``
+        beamline; see :meth:`nxrefine_bs.beamlines.BeamLine.scan_data_directory`).
+
+    Returns
+    -------
+    Path
+        The scan file.
+
+    Raises
+    ------
+    FileExistsNXError
+        If the scan file exists and ``overwrite`` is False.
+    InvalidNameError
+        On an unsafe name.
+    TemplateError
+        If the configuration is unreadable.
+    ExperimentError, ScanFileError
+        If the experiment or parent is missing.
+    """
+    info = read_configuration(template)
+    template = Path(template)
+    experiment_dir = Path(experiment_dir)
+    if not experiment_dir.is_dir():
+        raise ExperimentError(f"experiment directory {experiment_dir} does not exist")
+    if sample in EXPERIMENT_SUBDIRS:
+        raise InvalidNameError(f"sample name {sample!r} is reserved for an experiment directory")
+    paths = ScanPaths.from_names(experiment_dir, sample, label, scan)
+    scan_file = paths.scan_file
+    data_dir = Path(data_directory) if data_directory is not None else paths.scan_dir
+    parent_name = None
+    if parent is not None:
+        parent_path = Path(parent)
+        if not parent_path.is_absolute():
+            parent_path = paths.label_dir / parent_path
+        if not parent_path.is_file():
+            raise ScanFileError(f"parent scan file {parent_path} does not exist")
+        parent_name = _relative(parent_path, paths.label_dir)
+    paths.label_dir.mkdir(parents=True, exist_ok=True)
+
+    with locked(scan_file):
+        if scan_file.exists() and not overwrite:
+            raise FileExistsNXError(
+                f"scan file {scan_file} already exists; pass overwrite=True "
+                "(--overwrite) to replace it (the scan directory is kept)"
+            )
+        paths.scan_dir.mkdir(exist_ok=True)
+        tmp = scan_file.with_name(f".{scan_file.name}.{os.getpid()}.tmp")
+        try:
+            with h5py.File(template, "r") as tf, h5py.File(tmp, "w") as f:
+                _write_scan(
+                    tf,
+                    f,
+                    paths=paths,
+                    entries=info.entries,
+                    data_dir=data_dir,
+                    temperature=temperature,
+                    temperature_units=temperature_units,
+                    parent_name=parent_name,
+                )
+            os.replace(tmp, scan_file)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    logger.info("created scan file %s (%d rotations)", scan_file, len(info.entries))
+    return scan_file
+
+
+def _write_scan(
+    tf: h5py.File,
+    f: h5py.File,
+    *,
+    paths: ScanPaths,
+    entries: Iterable[str],
+    data_dir: Path,
+    temperature: float | None,
+    temperature_units: str,
+    parent_name: str | None,
+) -> None:
+    f.attrs["NX_class"] = "NXroot"
+    f.attrs["file_name"] = paths.scan_file.name
+    f.attrs["file_time"] = _now()
+    f.attrs["creator"] = f"nxrefine-bs {__version__}"
+    f.attrs["HDF5_Version"] = h5py.version.hdf5_version
+    f.attrs["h5py_version"] = h5py.version.version
+    f.attrs["default"] = "entry"
+
+    entry = f.create_group("entry")
+    entry.attrs["NX_class"] = "NXentry"
+    if "entry/instrument" in tf:
+        tf.copy(tf["entry/instrument"], entry, name="instrument")
+    sample = entry.create_group("sample")
+    sample.attrs["NX_class"] = "NXsample"
+    sample.attrs["target"] = "/entry/sample"  # NeXus link target, for nexusformat
+    sample.create_dataset("name", data=paths.sample)
+    sample.create_dataset("label", data=paths.label)
+    if temperature is not None:
+        try:
+            value = float(temperature)
+        except (TypeError, ValueError):
+            raise ScanFileError(f"temperature must be a number, got {temperature!r}") from None
+        dset = sample.create_dataset("temperature", data=np.float64(value))
+        dset.attrs["units"] = temperature_units
+    _write_parent(entry, parent_name)
+
+    for name in entries:
+        tf.copy(tf[name], f, name=name)
+        fe = f[name]
+        fe.attrs["NX_class"] = "NXentry"
+        if "sample" in fe:
+            del fe["sample"]
+        fe["sample"] = sample  # hard link
+        data = fe.require_group("data")
+        data.attrs["NX_class"] = "NXdata"
+        old = data.get("data", getlink=True)
+        filename, target_path = f"{name}.h5", DATA_PATH
+        if isinstance(old, h5py.ExternalLink):
+            filename = Path(old.filename).name or filename
+            target_path = old.path or target_path
+        if old is not None:
+            del data["data"]
+        data["data"] = h5py.ExternalLink(
+            _relative(data_dir / filename, paths.label_dir), target_path
+        )
+
+
+def _open(path: Path, mode: str) -> h5py.File:
+    try:
+        return h5py.File(path, mode)
+    except FileNotFoundError:
+        raise ScanFileError(f"scan file {path} does not exist") from None
+    except OSError as exc:
+        raise ScanFileError(f"cannot open scan file {path}: {exc}") from exc
+
+
+def set_parent(
+    scan_files: Iterable[str | os.PathLike[str]], parent: str | os.PathLike[str] | None
+) -> None:
+    """Record ``parent`` as the parent of every scan file (None removes the record).
+
+    The parent is stored in ``/entry/nxscans/parent`` as a path relative to each scan
+    file's directory; the parent file itself is skipped.
+
+    Raises
+    ------
+    ScanFileError
+        If the parent or a scan file is missing or unreadable.
+    """
+    parent_path = Path(parent) if parent is not None else None
+    if parent_path is not None and not parent_path.is_file():
+        raise ScanFileError(f"parent scan file {parent_path} does not exist")
+    for scan_file in scan_files:
+        scan_file = Path(scan_file)
+        if parent_path is not None and scan_file.resolve() == parent_path.resolve():
+            continue
+        name = None if parent_path is None else _relative(parent_path, scan_file.parent)
+        with locked(scan_file), _open(scan_file, "r+") as f:
+            entry = f.get("entry")
+            if not isinstance(entry, h5py.Group):
+                raise ScanFileError(f"{scan_file} has no /entry group")
+            _write_parent(entry, name)
+        logger.debug("parent of %s: %s", scan_file, name)
+
+
+def find_parent(scan_file: str | os.PathLike[str]) -> Path | None:
+    """The parent recorded in ``scan_file``, or None if it has none.
+
+    Raises
+    ------
+    ScanFileError
+        If the scan file is unreadable or its recorded parent does not exist.
+    """
+    scan_file = Path(scan_file)
+    with _open(scan_file, "r") as f:
+        item = f.get("entry/nxscans/parent")
+        if not isinstance(item, h5py.Dataset):
+            return None
+        value: Any = item[()]
+    if isinstance(value, bytes):
+        value = value.decode()
+    value = str(value).strip()
+    if not value:
+        return None
+    parent = scan_file.parent / value
+    if not parent.is_file():
+        raise ScanFileError(
+            f"{scan_file}: parent {value!r} (from /entry/nxscans/parent) does not exist at {parent}"
+        )
+    return parent
+
+
+def check_data_link(scan_file: str | os.PathLike[str], entry: str) -> Path:
+    """Check that ``/<entry>/data/data`` of a scan file resolves to a dataset.
+
+    Returns
+    -------
+    Path
+        The file holding the data (the linked ``fN.h5``, or the scan file itself).
+
+    Raises
+    ------
+    ScanFileError
+        If the scan file or entry is missing.
+    DataLinkError
+        If the link is missing or its target file or dataset does not exist; the
+        message names the file expected.
+    """
+    scan_file = Path(scan_file)
+    with _open(scan_file, "r") as f:
+        if entry not in f:
+            raise ScanFileError(f"{scan_file} has no entry {entry!r}")
+        data = f[entry].get("data")
+        if not isinstance(data, h5py.Group):
+            raise DataLinkError(f"{scan_file}: /{entry}/data is missing")
+        link = data.get("data", getlink=True)
+        if link is None:
+            raise DataLinkError(f"{scan_file}: /{entry}/data/data is missing")
+        if not isinstance(link, h5py.ExternalLink):
+            if "data" not in data:
+                raise DataLinkError(f"{scan_file}: /{entry}/data/data is a dangling link")
+            return scan_file
+    target = Path(link.filename)
+    if not target.is_absolute():
+        target = scan_file.parent / target
+    if not target.is_file():
+        raise DataLinkError(
+            f"{scan_file}: /{entry}/data/data links to {target}, which does not exist"
+        )
+    try:
+        with h5py.File(target, "r") as df:
+            if not isinstance(df.get(link.path), h5py.Dataset):
+                raise DataLinkError(
+                    f"{scan_file}: /{entry}/data/data links to {target}, which has no "
+                    f"dataset {link.path}"
+                )
+    except OSError as exc:
+        raise DataLinkError(f"{scan_file}: cannot read linked file {target}: {exc}") from exc
+    return target
+
+
+def read_geometry(entry: h5py.Group) -> Any:
+    """Geometry of a rotation entry; see :func:`nxrefine_bs.nexus.geometry_io.read_geometry`."""
+    from .geometry_io import read_geometry as _read_geometry
+
+    return _read_geometry(entry)

@@ -1,0 +1,384 @@
+"""Stream the detector frames of a rotation entry in small blocks with bounded memory.
+
+The scan file's ``fN/data/data`` is an HDF5 external link to ``<scan>/fN.h5``.  Rather
+than letting HDF5 follow the link (which would open the detector file with the scan
+file's access mode, e.g. read-write while a step writes results), the link is resolved
+here: its file name is taken relative to the directory of the scan file (inventory
+§2.1), checked, and the detector file is opened read-only, optionally in SWMR mode so
+that a file still being written by an areaDetector/ophyd-async writer can be read.
+
+Frames are read with ``Dataset.read_direct`` into one reused buffer whose depth is the
+dataset's chunk depth along the frame axis (one frame for areaDetector files, which is
+also the fastest case: the buffer stays in the L3 cache; see
+``performance-baselines.md`` §1), capped by ``max_block_bytes``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from numpy.typing import NDArray
+
+from ..errors import DataLinkError, ScanFileError
+from ..nexus.h5tools import read_field
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DataSource",
+    "FrameStream",
+    "resolve_data_link",
+    "open_frames",
+    "frame_range",
+    "read_pixel_mask",
+    "DEFAULT_MAX_BLOCK_BYTES",
+    "step_parameters",
+    "replace_group",
+    "rotation_entries",
+]
+
+DEFAULT_MAX_BLOCK_BYTES = 64 * 1024 * 1024
+"""Largest read buffer (bytes) used by :class:`FrameStream` unless told otherwise."""
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where the frames of an entry live.
+
+    Parameters
+    ----------
+    scan_file : Path
+        The scan file holding the entry.
+    entry : str
+        Entry name (``f1``...).
+    data_file : Path
+        Absolute path of the detector file.
+    data_path : str
+        Path of the 3-D dataset inside ``data_file``.
+    external : bool
+        True if ``fN/data/data`` is an external link (False: the data are stored in
+        the scan file itself).
+    """
+
+    scan_file: Path
+    entry: str
+    data_file: Path
+    data_path: str
+    external: bool
+
+
+def resolve_data_link(
+    scan_file: str | os.PathLike[str], entry: str, *, swmr: bool = False
+) -> DataSource:
+    """Find the detector file and dataset of ``entry`` without following the link.
+
+    Parameters
+    ----------
+    scan_file : path-like
+        Scan file ``<sample>_<scan>.nxs``.
+    entry : str
+        Rotation entry (``f1``...).
+    swmr : bool
+        Open the scan file in SWMR-read mode (for a scan file still being written).
+
+    Returns
+    -------
+    DataSource
+
+    Raises
+    ------
+    ScanFileError
+        If the scan file cannot be opened or has no ``<entry>/data/data``.
+    DataLinkError
+        If the external link points at a missing file or a missing dataset.
+    """
+    scan_file = Path(scan_file).absolute()
+    try:
+        f = _open_h5(scan_file, swmr)
+    except OSError as exc:
+        raise ScanFileError(f"cannot open scan file {scan_file}: {exc}") from exc
+    with f:
+        if entry not in f:
+            raise ScanFileError(f"{scan_file} has no entry {entry!r}")
+        data_group = f[entry].get("data")
+        if not isinstance(data_group, h5py.Group):
+            raise ScanFileError(f"{scan_file}:/{entry} has no data group; link the data first")
+        link = data_group.get("data", getlink=True)
+        if link is None:
+            raise ScanFileError(
+                f"{scan_file}:/{entry}/data has no 'data' field; link the detector data first"
+            )
+        if isinstance(link, h5py.ExternalLink):
+            target = Path(link.filename)
+            data_file = target if target.is_absolute() else scan_file.parent / target
+            source = DataSource(scan_file, entry, data_file, link.path, True)
+        elif isinstance(link, h5py.HardLink):
+            source = DataSource(scan_file, entry, scan_file, f"/{entry}/data/data", False)
+        else:  # soft link inside the file
+            source = DataSource(scan_file, entry, scan_file, str(link.path), False)
+    if source.external and not source.data_file.is_file():
+        raise DataLinkError(
+            f"{scan_file}:/{entry}/data/data links to {source.data_file} "
+            f"(stored as {link.filename!r}, relative to {scan_file.parent}), which does not "
+            "exist; restore the detector file or relink the scan"
+        )
+    return source
+
+
+class FrameStream:
+    """An open 3-D frame stack ``(nframes, ny, nx)`` read block by block.
+
+    Use :func:`open_frames` to create one.  The object holds the open detector file;
+    :meth:`close` (or leaving the ``with`` block of :func:`open_frames`) closes it.
+
+    Parameters
+    ----------
+    source : DataSource
+        Where the data live.
+    swmr : bool
+        Open the detector file in SWMR-read mode (falls back to a normal read-only
+        open for files that were not written with SWMR support).
+    max_block_bytes : int
+        Upper bound on the read buffer size.
+    """
+
+    def __init__(
+        self,
+        source: DataSource,
+        *,
+        swmr: bool = False,
+        max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+    ) -> None:
+        self.source = source
+        self._file = _open_data_file(source.data_file, swmr)
+        try:
+            ds = self._file.get(source.data_path)
+        except (KeyError, OSError):
+            ds = None
+        if not isinstance(ds, h5py.Dataset):
+            self._file.close()
+            raise DataLinkError(
+                f"{source.scan_file}:/{source.entry}/data/data points at "
+                f"{source.data_file}#{source.data_path}, which is not a dataset"
+            )
+        if ds.ndim != 3:
+            self._file.close()
+            raise ScanFileError(
+                f"{source.data_file}#{source.data_path} has shape {ds.shape}; "
+                "expected (nframes, ny, nx)"
+            )
+        self.dataset = ds
+        self.swmr = bool(swmr)
+        frame_bytes = max(1, ds.shape[1] * ds.shape[2] * ds.dtype.itemsize)
+        depth = ds.chunks[0] if ds.chunks else 1
+        self.block_frames = int(max(1, min(depth, max_block_bytes // frame_bytes)))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(nframes, ny, nx)``."""
+        if self.swmr:
+            self.dataset.refresh()
+        return tuple(int(v) for v in self.dataset.shape)  # type: ignore[return-value]
+
+    @property
+    def nframes(self) -> int:
+        """Number of frames currently in the stack."""
+        return self.shape[0]
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        """``(ny, nx)``."""
+        return self.shape[1], self.shape[2]
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Data type of the stored frames."""
+        return self.dataset.dtype
+
+    # ------------------------------------------------------------------ reading
+    def blocks(
+        self, first: int = 0, last: int | None = None
+    ) -> Iterator[tuple[int, NDArray[np.generic]]]:
+        """Yield ``(start, block)`` for frames ``[first, last)`` in order.
+
+        ``block`` has shape ``(n, ny, nx)`` and is a view of one reused buffer: it is
+        overwritten by the next iteration, so copy anything that must be kept.  Blocks
+        are aligned to the dataset's chunks along the frame axis.
+        """
+        n, ny, nx = self.shape
+        last = n if last is None else min(int(last), n)
+        first = max(0, int(first))
+        if last <= first:
+            return
+        depth = self.block_frames
+        buf = np.empty((depth, ny, nx), dtype=self.dtype)
+        start = first
+        while start < last:
+            stop = min(last, (start // depth + 1) * depth)
+            k = stop - start
+            view = buf[:k]
+            self.dataset.read_direct(view, np.s_[start:stop], np.s_[0:k])
+            yield start, view
+            start = stop
+
+    def read(self, first: int, last: int) -> NDArray[np.generic]:
+        """Frames ``[first, last)`` as a new array (for small reads only)."""
+        return self.dataset[first:last]
+
+    def close(self) -> None:
+        """Close the detector file."""
+        if self._file.id.valid:
+            self._file.close()
+
+    def __enter__(self) -> FrameStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open_h5(path: Path, swmr: bool) -> h5py.File:
+    """Open ``path`` read-only, in SWMR-read mode if asked and possible."""
+    if swmr:
+        try:
+            return h5py.File(path, "r", swmr=True, libver="latest")
+        except OSError as exc:
+            if not path.is_file():
+                raise
+            logger.debug("SWMR open of %s failed (%s); opening read-only", path, exc)
+    return h5py.File(path, "r")
+
+
+def _open_data_file(path: Path, swmr: bool) -> h5py.File:
+    try:
+        return _open_h5(path, swmr)
+    except FileNotFoundError as exc:
+        raise DataLinkError(f"detector file {path} does not exist") from exc
+    except OSError as exc:
+        raise DataLinkError(f"cannot open detector file {path}: {exc}") from exc
+
+
+@contextmanager
+def open_frames(
+    scan_file: str | os.PathLike[str],
+    entry: str,
+    *,
+    swmr: bool = False,
+    max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+) -> Iterator[FrameStream]:
+    """Open the frames of ``scan_file:/entry`` for streaming.
+
+    Examples
+    --------
+    >>> with open_frames(scan_file, "f1") as frames:  # doctest: +SKIP
+    ...     for start, block in frames.blocks(10, 100):
+    ...         ...
+    """
+    stream = FrameStream(
+        resolve_data_link(scan_file, entry, swmr=swmr), swmr=swmr, max_block_bytes=max_block_bytes
+    )
+    try:
+        yield stream
+    finally:
+        stream.close()
+
+
+def frame_range(first: int | None, last: int | None, nframes: int) -> tuple[int, int]:
+    """Clip a requested ``[first, last)`` frame range to ``[0, nframes]``.
+
+    ``None`` means the start/end of the stack; negative values count from the end.
+    The result may be empty (``first >= last``); callers decide whether that is an error.
+    """
+    f = 0 if first is None else int(first)
+    la = nframes if last is None else int(last)
+    if f < 0:
+        f += nframes
+    if la < 0:
+        la += nframes
+    f = min(max(f, 0), nframes)
+    la = min(max(la, 0), nframes)
+    return f, max(f, la)
+
+
+def read_pixel_mask(entry: h5py.Group, shape: tuple[int, int]) -> NDArray[np.bool_]:
+    """The entry's 2-D pixel mask as booleans (True = masked); all False if absent.
+
+    Raises
+    ------
+    ScanFileError
+        If the stored mask has the wrong shape.
+    """
+    mask = read_field(entry, "instrument/detector/pixel_mask")
+    if mask is None:
+        return np.zeros(shape, dtype=bool)
+    mask = np.asarray(mask)
+    if mask.shape != tuple(shape):
+        raise ScanFileError(
+            f"{entry.file.filename}:{entry.name}/instrument/detector/pixel_mask has shape "
+            f"{mask.shape}, but the frames are {tuple(shape)}"
+        )
+    return mask != 0
+
+
+# --------------------------------------------------------------------------- shared step helpers
+
+_DEFAULTS: dict[str, Any] = {
+    "threshold": 50000.0,
+    "min_pixels": 10,
+    "first_frame": 10,
+    "last_frame": 3640,
+    "polarization": 0.99,
+    "monitor": "MCS1",
+    "norm": 50000.0,
+    "qmin": None,
+    "qmax": None,
+}
+"""Fallback defaults (those of ``settings.ini [nxreduce]``) if the settings module is absent."""
+
+
+def step_parameters(
+    keys: tuple[str, ...], explicit: dict[str, Any], scan_file: str | os.PathLike[str]
+) -> dict[str, Any]:
+    """Resolve reduction parameters: explicit value, then the settings layers, then defaults.
+
+    Uses :func:`nxrefine_bs.settings.resolve_parameters` when it is importable; otherwise
+    the explicit values and the built-in ``[nxreduce]`` defaults.
+    """
+    try:
+        from ..settings import resolve_parameters
+    except ImportError:  # pragma: no cover - settings module not installed
+        resolve_parameters = None
+    if resolve_parameters is not None:
+        return resolve_parameters(keys, explicit=explicit, scan_file=scan_file)
+    return {k: explicit[k] if explicit.get(k) is not None else _DEFAULTS.get(k) for k in keys}
+
+
+def replace_group(parent: h5py.Group, name: str, build: Callable[[h5py.Group], None]) -> None:
+    """Write ``parent[name]`` in one go: build it as a temporary group, then rename it.
+
+    A crash while ``build`` runs leaves only ``.<name>.partial`` (removed by the next
+    call), never a half-written ``name``.
+    """
+    tmp = f".{name}.partial"
+    if tmp in parent:
+        del parent[tmp]
+    group = parent.create_group(tmp)
+    build(group)
+    if name in parent:
+        del parent[name]
+    parent.move(tmp, name)
+
+
+def rotation_entries(f: h5py.File) -> list[str]:
+    """Names of the rotation entries ``f1, f2, ...`` of a scan file, in numeric order."""
+    names = [k for k in f if k[:1] == "f" and k[1:].isdigit() and isinstance(f[k], h5py.Group)]
+    return sorted(names, key=lambda k: int(k[1:]))

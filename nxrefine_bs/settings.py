@@ -1,0 +1,834 @@
+"""Layered INI settings: server file, experiment file, scan file, explicit values.
+
+One table, :data:`SCHEMA`, lists every setting with its section, type, default and
+meaning; it drives parsing, defaults, validation and writing.
+
+Two files hold settings:
+
+* the **server** file, ``$NXREFINE_BS_SETTINGS`` (a file, or a directory holding
+  ``settings.ini``) or else ``~/.config/nxrefine-bs/settings.ini``, with sections
+  ``[server]``, ``[instrument]``, ``[nxrefine]`` and ``[nxreduce]``;
+* the **experiment** file, ``<experiment>/tasks/settings.ini``, a copy of the server
+  file made when the experiment is created, without ``[server]``.
+
+Reduction parameters (the ``[nxreduce]`` keys) are resolved by
+:func:`resolve_parameters` from, highest priority first: explicit values, the scan
+file's ``/entry/nxreduce`` group, its parent scan file's ``/entry/nxreduce`` group,
+the experiment file, the server file and the schema default.
+
+Examples
+--------
+>>> spec = get_spec("nxreduce", "mask_h1")
+>>> spec.parse("51")
+51
+>>> format_value(True)
+'True'
+"""
+
+from __future__ import annotations
+
+import configparser
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import SettingsError
+from .geometry import GeometryError, orientation_matrix
+
+__all__ = [
+    "ENV_VAR",
+    "SCHEMA",
+    "SECTIONS",
+    "SERVER_SECTIONS",
+    "EXPERIMENT_SECTIONS",
+    "REDUCE_KEYS",
+    "FILE_ONLY_PARAMETERS",
+    "SettingSpec",
+    "get_spec",
+    "default_settings",
+    "format_value",
+    "server_settings_path",
+    "experiment_settings_path",
+    "read_settings",
+    "write_settings",
+    "init_server_settings",
+    "load_server_settings",
+    "load_experiment_settings",
+    "copy_to_experiment",
+    "update_settings",
+    "resolve_parameters",
+    "read_parameters",
+    "write_parameters",
+]
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "NXREFINE_BS_SETTINGS"
+"""Environment variable naming the server settings file (or its directory)."""
+
+SETTINGS_FILENAME = "settings.ini"
+
+_TRUE = {"true", "yes", "y", "on", "1"}
+_FALSE = {"false", "no", "n", "off", "0"}
+_NONE = {"", "none"}
+
+
+def _check_orientation(value: Any) -> None:
+    try:
+        orientation_matrix(value)
+    except GeometryError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _check_positive(value: Any) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"must be positive, got {value!r}")
+
+
+def _check_non_negative(value: Any) -> None:
+    if value is not None and value < 0:
+        raise ValueError(f"must not be negative, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """One setting: where it lives, its type, default and meaning.
+
+    Parameters
+    ----------
+    section : str
+        INI section (``server``, ``instrument``, ``nxrefine`` or ``nxreduce``).
+    key : str
+        Option name (case preserved).
+    type : type
+        ``str``, ``int``, ``float`` or ``bool``.
+    default : Any
+        Value used when no file sets it.
+    doc : str
+        One-line meaning, written as a comment into new settings files.
+    optional : bool
+        True if the value may be empty (read as None).
+    check : callable or None
+        Extra validation; raises ValueError with a short reason.
+    """
+
+    section: str
+    key: str
+    type: type
+    default: Any
+    doc: str
+    optional: bool = False
+    check: Callable[[Any], None] | None = None
+
+    @property
+    def type_name(self) -> str:
+        """Human-readable expected type, e.g. ``'float'`` or ``'str or empty'``."""
+        name = self.type.__name__
+        return f"{name} or empty" if self.optional else name
+
+    def parse(self, value: Any) -> Any:
+        """Convert text (or a Python value) to this setting's type.
+
+        Raises
+        ------
+        ValueError
+            If the value cannot be converted or fails the extra check.
+        """
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
+            if self.optional:
+                return None
+            if self.type is str and value is not None:
+                return ""
+            raise ValueError("a value is required")
+        if isinstance(value, bytes):
+            value = value.decode()
+        if hasattr(value, "item") and getattr(value, "shape", None) == ():  # numpy scalar
+            value = value.item()
+        if self.type is bool:
+            out = _parse_bool(value)
+        elif self.type is int:
+            out = _parse_int(value)
+        elif self.type is float:
+            out = _parse_float(value)
+        else:
+            if not isinstance(value, str):
+                raise ValueError(f"expected text, got {value!r}")
+            out = value.strip()
+        if self.check is not None:
+            self.check(out)
+        return out
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    raise ValueError(f"expected true/false, got {value!r}")
+
+
+def _parse_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    try:
+        out = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(out):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return out
+
+
+def _parse_int(value: Any) -> int:
+    out = _parse_float(value)
+    if not out.is_integer():
+        raise ValueError(f"expected a whole number, got {value!r}")
+    return int(out)
+
+
+def _s(section: str, key: str, type_: type, default: Any, doc: str, **kw: Any) -> SettingSpec:
+    return SettingSpec(section, key, type_, default, doc, **kw)
+
+
+SCHEMA: tuple[SettingSpec, ...] = (
+    # server: how reduction work is executed (server file only)
+    _s("server", "type", str, "local", "executor: 'local' (threads) or 'dask'"),
+    _s("server", "cores", int, 2, "simultaneous reduction jobs", check=_check_positive),
+    _s("server", "dask_scheduler", str, "", "Dask scheduler address (type = dask)"),
+    _s("server", "tiled_uri", str, "", "Tiled server URI for registering results"),
+    # instrument: where data live
+    _s("instrument", "source", str, None, "facility, e.g. CHESS", optional=True),
+    _s("instrument", "instrument", str, None, "beamline name, e.g. QM2 or sim", optional=True),
+    _s("instrument", "raw_home", str, None, "root of the raw-data tree", optional=True),
+    _s("instrument", "raw_path", str, None, "raw sub-path inside an experiment", optional=True),
+    _s("instrument", "analysis_home", str, None, "root of the analysis tree", optional=True),
+    _s("instrument", "analysis_path", str, None, "analysis sub-path, e.g. nxrefine", optional=True),
+    _s("instrument", "experiment", str, None, "experiment name", optional=True),
+    # nxrefine: defaults for new configurations
+    _s("nxrefine", "wavelength", float, 0.2, "wavelength (Angstrom)", check=_check_positive),
+    _s("nxrefine", "distance", float, 500.0, "sample to detector (mm)", check=_check_positive),
+    _s(
+        "nxrefine",
+        "detector_orientation",
+        str,
+        "-y +z -x",
+        "lab axes of detector x, y and normal",
+        check=_check_orientation,
+    ),
+    _s("nxrefine", "phi", float, -5.0, "phi start (deg)"),
+    _s("nxrefine", "phi_end", float, 360.0, "phi end (deg)"),
+    _s("nxrefine", "phi_step", float, 0.1, "phi step per frame (deg)", check=_check_positive),
+    _s("nxrefine", "chi", float, 0.0, "chi (deg)"),
+    _s("nxrefine", "omega", float, 0.0, "omega (deg)"),
+    _s("nxrefine", "theta", float, 0.0, "theta (deg)"),
+    _s("nxrefine", "x", float, 0.0, "detector x translation (mm)"),
+    _s("nxrefine", "y", float, 0.0, "detector y translation (mm)"),
+    _s("nxrefine", "nsteps", int, 3, "number of detector positions", check=_check_positive),
+    _s("nxrefine", "frame_rate", float, 10.0, "frames per second", check=_check_positive),
+    # nxreduce: defaults for reduction
+    _s("nxreduce", "threshold", float, 50000.0, "peak-search threshold (counts)", optional=True),
+    _s("nxreduce", "min_pixels", int, 10, "min peak separation (pixels)", check=_check_positive),
+    _s("nxreduce", "first_frame", int, 10, "first frame used", check=_check_non_negative),
+    _s("nxreduce", "last_frame", int, 3640, "last frame used", optional=True),
+    _s("nxreduce", "polar_max", float, 10.0, "max polar angle in refinement (deg)"),
+    _s("nxreduce", "hkl_tolerance", float, 0.05, "max |dQ| of an indexed peak (1/Angstrom)"),
+    _s("nxreduce", "monitor", str, "MCS1", "monitor channel"),
+    _s("nxreduce", "norm", float, 50000.0, "monitor normalisation", check=_check_positive),
+    _s("nxreduce", "sample_transmission", bool, True, "weight frames by sample transmission"),
+    _s("nxreduce", "polarization", float, 0.99, "beam polarization factor"),
+    _s("nxreduce", "radius", float, 0.2, "punch radius (1/Angstrom)"),
+    _s("nxreduce", "mask_t1", float, 2.0, "3-D mask: first threshold"),
+    _s("nxreduce", "mask_h1", int, 11, "3-D mask: first box size", check=_check_positive),
+    _s("nxreduce", "mask_t2", float, 0.8, "3-D mask: second threshold"),
+    _s("nxreduce", "mask_h2", int, 51, "3-D mask: second box size", check=_check_positive),
+    _s("nxreduce", "scan_path", str, "/entry/sample/temperature", "scan variable in scan files"),
+    _s("nxreduce", "scan_units", str, "K", "units of the scan variable"),
+)
+"""Every setting, in file order."""
+
+SECTIONS: tuple[str, ...] = ("server", "instrument", "nxrefine", "nxreduce")
+SERVER_SECTIONS = SECTIONS
+EXPERIMENT_SECTIONS: tuple[str, ...] = ("instrument", "nxrefine", "nxreduce")
+
+_BY_KEY: dict[tuple[str, str], SettingSpec] = {(s.section, s.key): s for s in SCHEMA}
+
+REDUCE_KEYS: tuple[str, ...] = tuple(s.key for s in SCHEMA if s.section == "nxreduce")
+"""Keys of ``[nxreduce]``: the reduction parameters resolved by :func:`resolve_parameters`."""
+
+FILE_ONLY_PARAMETERS: dict[str, SettingSpec] = {
+    key: SettingSpec("nxreduce", key, float, None, doc, optional=True)
+    for key, doc in (("qmin", "min Q of the radial sum"), ("qmax", "max Q of the transform"))
+}
+"""Reduction parameters stored in scan files only (never in INI files)."""
+
+
+def get_spec(section: str, key: str) -> SettingSpec:
+    """Return the schema entry for ``section.key``.
+
+    Raises
+    ------
+    SettingsError
+        If the section or key is unknown (the message lists the valid ones).
+    """
+    if section not in SECTIONS:
+        raise SettingsError(f"unknown settings section [{section}]; valid: {', '.join(SECTIONS)}")
+    try:
+        return _BY_KEY[(section, key)]
+    except KeyError:
+        keys = ", ".join(s.key for s in SCHEMA if s.section == section)
+        raise SettingsError(f"unknown key {key!r} in [{section}]; valid: {keys}") from None
+
+
+def default_settings(sections: Iterable[str] = SECTIONS) -> dict[str, dict[str, Any]]:
+    """Return the schema defaults as ``{section: {key: value}}``."""
+    sections = tuple(sections)
+    out: dict[str, dict[str, Any]] = {s: {} for s in sections}
+    for spec in SCHEMA:
+        if spec.section in out:
+            out[spec.section][spec.key] = spec.default
+    return out
+
+
+def format_value(value: Any) -> str:
+    """Format a Python value for an INI file (None -> empty)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def server_settings_path() -> Path:
+    """Path of the server settings file.
+
+    ``$NXREFINE_BS_SETTINGS`` (read at call time) names either the file or a directory
+    holding ``settings.ini``; without it, ``~/.config/nxrefine-bs/settings.ini``.
+    """
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        path = Path(env).expanduser()
+        if path.is_dir() or env.endswith(("/", os.sep)):
+            return path / SETTINGS_FILENAME
+        return path
+    return Path.home() / ".config" / "nxrefine-bs" / SETTINGS_FILENAME
+
+
+def experiment_settings_path(experiment_dir: str | os.PathLike[str]) -> Path:
+    """Path of an experiment's settings file, ``<experiment>/tasks/settings.ini``."""
+    return Path(experiment_dir) / "tasks" / SETTINGS_FILENAME
+
+
+# --------------------------------------------------------------------------- read / write
+
+
+def read_settings(
+    path: str | os.PathLike[str],
+    sections: Iterable[str] = SECTIONS,
+    *,
+    fill_defaults: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Read and validate a settings file.
+
+    Parameters
+    ----------
+    path : path-like
+        The INI file.
+    sections : iterable of str
+        Sections allowed in this file; any other section is an error.
+    fill_defaults : bool
+        If True, keys missing from the file get their schema defaults; otherwise
+        only keys present in the file are returned.
+
+    Returns
+    -------
+    dict
+        ``{section: {key: value}}`` with typed values.
+
+    Raises
+    ------
+    SettingsError
+        If the file is missing or unreadable, or holds an unknown section or key or a
+        value of the wrong type; the message names the file, section and key.
+    """
+    path = Path(path)
+    allowed = tuple(sections)
+    parser = _parser()
+    try:
+        with open(path, encoding="utf-8") as fh:
+            parser.read_file(fh)
+    except FileNotFoundError:
+        raise SettingsError(f"settings file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"cannot read settings file {path}: {exc}") from exc
+    except configparser.Error as exc:
+        msg = " ".join(str(exc).split())
+        raise SettingsError(f"settings file {path} is not a valid INI file: {msg}") from exc
+    out = default_settings(allowed) if fill_defaults else {s: {} for s in allowed}
+    for section in parser.sections():
+        if section not in allowed:
+            raise SettingsError(
+                f"{path}: unknown section [{section}]; allowed here: "
+                + ", ".join(f"[{s}]" for s in allowed)
+            )
+        for key, text in parser.items(section):
+            try:
+                spec = get_spec(section, key)
+            except SettingsError as exc:
+                raise SettingsError(f"{path}: {exc}") from None
+            try:
+                out[section][key] = spec.parse(text)
+            except ValueError as exc:
+                raise SettingsError(
+                    f"{path}: [{section}] {key} = {text!r} is invalid ({exc}); "
+                    f"expected {spec.type_name}"
+                ) from None
+    return out
+
+
+def _parser() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keep case
+    return parser
+
+
+def write_settings(
+    path: str | os.PathLike[str],
+    values: Mapping[str, Mapping[str, Any]],
+    sections: Iterable[str] = SECTIONS,
+) -> Path:
+    """Write a complete, commented settings file.
+
+    Keys missing from ``values`` get their schema defaults; every value is validated
+    first, so a bad value never reaches the file.  The file is written atomically.
+
+    Parameters
+    ----------
+    path : path-like
+        Destination file (parent directories are created).
+    values : mapping
+        ``{section: {key: value}}``; sections not in ``sections`` are ignored.
+    sections : iterable of str
+        Sections to write, in order.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    path = Path(path)
+    sections = tuple(sections)
+    merged = default_settings(sections)
+    for section, items in values.items():
+        if section not in sections:
+            continue
+        for key, value in items.items():
+            spec = get_spec(section, key)
+            try:
+                merged[section][key] = spec.parse(value)
+            except ValueError as exc:
+                raise SettingsError(
+                    f"[{section}] {key} = {value!r} is invalid ({exc}); expected {spec.type_name}"
+                ) from None
+    lines = ["# nxrefine-bs settings", ""]
+    for section in sections:
+        lines.append(f"[{section}]")
+        for spec in SCHEMA:
+            if spec.section == section:
+                lines.append(f"# {spec.doc} ({spec.type_name})")
+                text = format_value(merged[section][spec.key])
+                lines.append(f"{spec.key} = {text}".rstrip())
+        lines.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    os.replace(tmp, path)
+    logger.debug("wrote settings file %s", path)
+    return path
+
+
+def init_server_settings(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    values: Mapping[str, Mapping[str, Any]] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Create the server settings file with defaults (plus ``values``).
+
+    Parameters
+    ----------
+    path : path-like, optional
+        Defaults to :func:`server_settings_path`.
+    values : mapping, optional
+        ``{section: {key: value}}`` overriding defaults.
+    overwrite : bool
+        Replace an existing file.
+
+    Raises
+    ------
+    SettingsError
+        If the file exists and ``overwrite`` is False.
+    """
+    path = Path(path) if path is not None else server_settings_path()
+    if path.exists() and not overwrite:
+        raise SettingsError(
+            f"settings file {path} already exists; edit it with 'nxrefine-bs settings edit' "
+            "or pass --force to replace it"
+        )
+    return write_settings(path, values or {}, SECTIONS)
+
+
+def _missing_server_file(path: Path) -> SettingsError:
+    return SettingsError(
+        f"server settings file {path} does not exist; create it with "
+        f"'nxrefine-bs settings init' (or point ${ENV_VAR} at an existing file)"
+    )
+
+
+def load_server_settings(path: str | os.PathLike[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Read the server settings file (all four sections, defaults filled in).
+
+    Raises
+    ------
+    SettingsError
+        If the file does not exist (the message says how to create it) or is invalid.
+    """
+    path = Path(path) if path is not None else server_settings_path()
+    if not path.is_file():
+        raise _missing_server_file(path)
+    return read_settings(path, SECTIONS)
+
+
+def load_experiment_settings(experiment_dir: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """Read ``<experiment>/tasks/settings.ini`` (defaults filled in).
+
+    Raises
+    ------
+    SettingsError
+        If the file is missing or invalid.
+    """
+    path = experiment_settings_path(experiment_dir)
+    if not path.is_file():
+        raise SettingsError(
+            f"experiment settings file {path} does not exist; is {experiment_dir} an "
+            "experiment directory made by 'nxrefine-bs experiment new'?"
+        )
+    return read_settings(path, EXPERIMENT_SECTIONS)
+
+
+def copy_to_experiment(
+    experiment_dir: str | os.PathLike[str],
+    *,
+    source: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Path:
+    """Write ``<experiment>/tasks/settings.ini`` from the server file, without ``[server]``.
+
+    Parameters
+    ----------
+    experiment_dir : path-like
+        The experiment directory.
+    source : path-like, optional
+        Server settings file to copy.  If None, the default server file is used when it
+        exists and the schema defaults otherwise.
+    overrides : mapping, optional
+        ``{section: {key: value}}`` applied on top (e.g. the ``[instrument]`` values).
+
+    Returns
+    -------
+    Path
+        The experiment settings file.
+    """
+    if source is not None:
+        values = read_settings(source, SECTIONS)
+    else:
+        default = server_settings_path()
+        if default.is_file():
+            values = read_settings(default, SECTIONS)
+        else:
+            logger.info("no server settings file at %s; using built-in defaults", default)
+            values = default_settings()
+    for section, items in (overrides or {}).items():
+        values.setdefault(section, {}).update(items)
+    return write_settings(experiment_settings_path(experiment_dir), values, EXPERIMENT_SECTIONS)
+
+
+def update_settings(
+    path: str | os.PathLike[str],
+    assignments: Mapping[str, Any],
+    sections: Iterable[str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Change some values of an existing settings file, validating each.
+
+    Parameters
+    ----------
+    path : path-like
+        The settings file (server or experiment).
+    assignments : mapping
+        ``{"section.key": value}``; values may be text.
+    sections : iterable of str, optional
+        Sections allowed in the file; by default ``[server]`` is allowed only if the
+        file already has it.
+
+    Returns
+    -------
+    dict
+        The new settings.
+
+    Raises
+    ------
+    SettingsError
+        On an unknown section/key, a bad value, or a section not allowed in this file.
+    """
+    path = Path(path)
+    if sections is None:
+        sections = SECTIONS if _has_section(path, "server") else EXPERIMENT_SECTIONS
+    sections = tuple(sections)
+    values = read_settings(path, sections)
+    for name, value in assignments.items():
+        section, dot, key = name.partition(".")
+        if not dot or not section or not key:
+            raise SettingsError(f"setting {name!r} must be written as section.key")
+        spec = get_spec(section, key)
+        if section not in sections:
+            raise SettingsError(f"{path}: section [{section}] does not belong in this file")
+        try:
+            values[section][key] = spec.parse(value)
+        except ValueError as exc:
+            raise SettingsError(
+                f"{path}: [{section}] {key} = {value!r} is invalid ({exc}); "
+                f"expected {spec.type_name}"
+            ) from None
+    write_settings(path, values, sections)
+    return values
+
+
+def _has_section(path: Path, section: str) -> bool:
+    parser = _parser()
+    try:
+        parser.read(path, encoding="utf-8")
+    except (configparser.Error, OSError, UnicodeDecodeError):
+        return False
+    return parser.has_section(section)
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def _parameter_spec(key: str) -> SettingSpec:
+    if key in FILE_ONLY_PARAMETERS:
+        return FILE_ONLY_PARAMETERS[key]
+    if key not in REDUCE_KEYS:
+        raise SettingsError(
+            f"unknown reduction parameter {key!r}; valid: "
+            + ", ".join(REDUCE_KEYS + tuple(FILE_ONLY_PARAMETERS))
+        )
+    return _BY_KEY[("nxreduce", key)]
+
+
+def read_parameters(scan_file: str | os.PathLike[str]) -> dict[str, Any]:
+    """Return the parameters stored in ``scan_file``'s ``/entry/nxreduce`` group.
+
+    Unknown keys are ignored (logged); a missing group gives an empty dict.
+
+    Raises
+    ------
+    SettingsError
+        If the file cannot be read or a stored value has the wrong type.
+    """
+    import h5py
+
+    scan_file = Path(scan_file)
+    out: dict[str, Any] = {}
+    try:
+        with h5py.File(scan_file, "r") as f:
+            group = f.get("entry/nxreduce")
+            if group is None:
+                return out
+            for key, item in group.items():
+                if not isinstance(item, h5py.Dataset):
+                    continue
+                try:
+                    spec = _parameter_spec(key)
+                except SettingsError:
+                    logger.debug("%s: ignoring /entry/nxreduce/%s", scan_file, key)
+                    continue
+                try:
+                    out[key] = spec.parse(item[()])
+                except ValueError as exc:
+                    raise SettingsError(
+                        f"{scan_file}: /entry/nxreduce/{key} is invalid ({exc}); "
+                        f"expected {spec.type_name}"
+                    ) from None
+    except OSError as exc:
+        raise SettingsError(f"cannot read parameters from {scan_file}: {exc}") from exc
+    return out
+
+
+def write_parameters(scan_file: str | os.PathLike[str], params: Mapping[str, Any]) -> None:
+    """Write reduction parameters to ``scan_file``'s ``/entry/nxreduce`` (NXparameters).
+
+    Existing values of the same keys are replaced; None values remove the key.
+
+    Raises
+    ------
+    SettingsError
+        On an unknown key or a value of the wrong type (nothing is written then).
+    """
+    import h5py
+
+    scan_file = Path(scan_file)
+    parsed: dict[str, Any] = {}
+    for key, value in params.items():
+        spec = _parameter_spec(key)
+        try:
+            parsed[key] = spec.parse(value)
+        except ValueError as exc:
+            raise SettingsError(
+                f"parameter {key} = {value!r} is invalid ({exc}); expected {spec.type_name}"
+            ) from None
+    try:
+        with h5py.File(scan_file, "r+") as f:
+            entry = f.require_group("entry")
+            entry.attrs.setdefault("NX_class", "NXentry")
+            group = entry.require_group("nxreduce")
+            group.attrs["NX_class"] = "NXparameters"
+            for key, value in parsed.items():
+                if key in group:
+                    del group[key]
+                if value is not None:
+                    group.create_dataset(key, data=value)
+    except OSError as exc:
+        raise SettingsError(f"cannot write parameters to {scan_file}: {exc}") from exc
+
+
+def _parent_scan_file(scan_file: Path) -> Path | None:
+    """Parent named by ``/entry/nxscans/parent`` (relative to the scan file's directory)."""
+    import h5py
+
+    try:
+        with h5py.File(scan_file, "r") as f:
+            item = f.get("entry/nxscans/parent")
+            if not isinstance(item, h5py.Dataset):
+                return None
+            value = item[()]
+    except OSError as exc:
+        raise SettingsError(f"cannot read {scan_file}: {exc}") from exc
+    if isinstance(value, bytes):
+        value = value.decode()
+    value = str(value).strip()
+    if not value:
+        return None
+    return scan_file.parent / value
+
+
+def resolve_parameters(
+    keys: Iterable[str] | None = None,
+    *,
+    explicit: Mapping[str, Any] | None = None,
+    scan_file: str | os.PathLike[str] | None = None,
+    experiment_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Resolve reduction parameters from every settings layer.
+
+    Precedence, highest first: ``explicit`` values that are not None; the scan file's
+    own ``/entry/nxreduce``; the ``/entry/nxreduce`` of its parent scan file (named by
+    ``/entry/nxscans/parent``); the experiment's ``tasks/settings.ini [nxreduce]``; the
+    server settings file; the schema default.  Missing settings files are skipped;
+    invalid ones raise.
+
+    Parameters
+    ----------
+    keys : iterable of str, optional
+        Parameters wanted (default: every ``[nxreduce]`` key).
+    explicit : mapping, optional
+        Values given by the caller (CLI options, plan arguments).
+    scan_file : path-like, optional
+        The scan file ``<sample>_<scan>.nxs``.
+    experiment_dir : path-like, optional
+        The experiment directory; defaults to three levels above ``scan_file``.
+
+    Returns
+    -------
+    dict
+        ``{key: value}`` for every requested key.
+
+    Raises
+    ------
+    SettingsError
+        On an unknown key, an invalid value in any layer, or an unreadable file.
+
+    Examples
+    --------
+    >>> resolve_parameters(["threshold"], explicit={"threshold": "1000"})
+    {'threshold': 1000.0}
+    """
+    keys = tuple(keys) if keys is not None else REDUCE_KEYS
+    specs = {key: _parameter_spec(key) for key in keys}
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+
+    if explicit:
+        parsed = {}
+        for key, value in explicit.items():
+            if value is None:
+                continue
+            spec = _parameter_spec(key)
+            try:
+                parsed[key] = spec.parse(value)
+            except ValueError as exc:
+                raise SettingsError(
+                    f"parameter {key} = {value!r} is invalid ({exc}); expected {spec.type_name}"
+                ) from None
+        layers.append(("explicit", parsed))
+
+    if scan_file is not None:
+        scan_file = Path(scan_file)
+        layers.append((str(scan_file), read_parameters(scan_file)))
+        parent = _parent_scan_file(scan_file)
+        if parent is not None:
+            if parent.is_file():
+                if parent.resolve() != scan_file.resolve():
+                    layers.append((str(parent), read_parameters(parent)))
+            else:
+                raise SettingsError(
+                    f"{scan_file}: parent scan file {parent} (from /entry/nxscans/parent) "
+                    "does not exist"
+                )
+        if experiment_dir is None:
+            experiment_dir = scan_file.absolute().parent.parent.parent
+
+    if experiment_dir is not None:
+        path = experiment_settings_path(experiment_dir)
+        if path.is_file():
+            values = read_settings(path, EXPERIMENT_SECTIONS, fill_defaults=False)
+            layers.append((str(path), values["nxreduce"]))
+
+    server = server_settings_path()
+    if server.is_file():
+        values = read_settings(server, SECTIONS, fill_defaults=False)
+        layers.append((str(server), values["nxreduce"]))
+
+    out: dict[str, Any] = {}
+    for key, spec in specs.items():
+        for name, layer in layers:
+            if key in layer and layer[key] is not None:
+                out[key] = layer[key]
+                logger.debug("parameter %s = %r from %s", key, layer[key], name)
+                break
+        else:
+            out[key] = spec.default
+    return out
