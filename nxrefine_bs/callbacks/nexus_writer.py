@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from ..geometry import Geometry
 from ..nexus.geometry_io import write_geometry
 from ..nexus.h5tools import nx_group, read_field, write_external_link, write_field
 from ..nexus.provenance import now_iso, record_process
-from ..nexus.scanfile import create_scan_file, locked
+from ..nexus.scanfile import create_scan_file, locked, update_scan_file
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class _RunWriter(DocumentRouter):
 
     # ------------------------------------------------------------------ helpers
     def _open(self) -> contextlib.AbstractContextManager[h5py.File]:
-        return _open_scan(self.state.scan_file)
+        return update_scan_file(self.state.scan_file)
 
     def _key_role(self, data_key: str) -> tuple[str, str] | None:
         """Classify a data key: ``("monitor", name)``, ``("phi", "phi")`` or ``None``."""
@@ -418,20 +418,22 @@ class _RunWriter(DocumentRouter):
         write_field(gon, "phi", values, units="degree", attrs=attrs)
 
     def _mask_from_frames(self, fe: h5py.Group) -> None:
-        """Derive the gap mask from the first frame (gaps are negative) if none is known."""
+        """Derive the gap mask from the first frame (gaps are negative) if none is known.
+
+        The detector file is opened separately, read-only: dereferencing the link from
+        the scan file (open for writing) would open the raw file for writing too.
+        """
+        link = fe["data"].get("data", getlink=True)
+        if not isinstance(link, h5py.ExternalLink):
+            return
+        path = (Path(fe.file.filename).parent / link.filename).resolve()
         try:
-            frame = fe["data/data"][0]
+            with h5py.File(path, "r", swmr=True, libver="latest") as src:
+                frame = src[link.path][0]
         except (KeyError, OSError, IndexError, ValueError):
             return
         write_field(fe["instrument/detector"], "pixel_mask", (frame < 0).astype(np.int8))
         write_field(fe["instrument/detector"], "pixel_mask_applied", False)
-
-
-@contextlib.contextmanager
-def _open_scan(path: Path) -> Iterator[h5py.File]:
-    """Open a scan file for appending under its lock; closed again on exit."""
-    with locked(path), h5py.File(path, "a") as f:
-        yield f
 
 
 def _create_bare_scan_file(scan_file: Path, start: Mapping[str, Any]) -> None:

@@ -131,6 +131,21 @@ def locked(
         os.close(fd)
 
 
+@contextlib.contextmanager
+def update_scan_file(path: str | os.PathLike[str], mode: str = "r+") -> Iterator[h5py.File]:
+    """Open a scan file for writing while holding its :func:`locked` lock.
+
+    Every writer of a scan file (the NeXus writer callback, the reduction steps, the
+    calibration) goes through this, so concurrent steps on different entries of the
+    same file never interleave their HDF5 writes.  The file is closed before the lock
+    is released.
+    """
+    if mode not in ("r+", "a"):
+        raise ScanFileError(f"update_scan_file opens for writing only ('r+' or 'a'), not {mode!r}")
+    with locked(path), h5py.File(path, mode) as f:
+        yield f
+
+
 def _now() -> str:
     return datetime.now().astimezone().isoformat()
 

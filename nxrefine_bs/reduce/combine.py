@@ -25,6 +25,7 @@ from ..errors import FileExistsNXError, ReductionError
 from ..nexus.geometry_io import read_cell
 from ..nexus.h5tools import read_field
 from ..nexus.provenance import now_iso, process_done, record_process
+from ..nexus.scanfile import update_scan_file
 from .transform import (
     CHUNK,
     _external_target,
@@ -168,7 +169,7 @@ def run(
         "seconds": round(seconds, 3),
     }
     title = f"{name} {temp:g}K Transform" if isinstance(temp, int | float) else f"{name} Transform"
-    with h5py.File(scan_file, "r+") as f:
+    with update_scan_file(scan_file) as f:
         link_transform(
             f[entry],
             group,

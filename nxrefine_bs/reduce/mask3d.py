@@ -40,6 +40,7 @@ from tqdm import tqdm
 from ..errors import FileExistsNXError, PathSafetyError, ReductionError
 from ..nexus.h5tools import nx_group, read_field, write_external_link
 from ..nexus.provenance import now_iso, process_done, record_process
+from ..nexus.scanfile import update_scan_file
 from .transform import _external_target, scan_directory
 
 logger = logging.getLogger(__name__)
@@ -251,7 +252,7 @@ def run(
         "masked_fraction": masked / float(nf * ny * nx),
         "seconds": round(seconds, 3),
     }
-    with h5py.File(scan_file, "r+") as f:
+    with update_scan_file(scan_file) as f:
         fe = f[entry]
         write_external_link(fe["data"], "data_mask", out, "/entry/mask")
         record_process(

@@ -52,6 +52,7 @@ from ..geometry import Geometry
 from ..nexus.geometry_io import read_geometry
 from ..nexus.h5tools import nx_group, read_field, write_field
 from ..nexus.provenance import now_iso, process_done, read_process, record_process
+from ..nexus.scanfile import update_scan_file
 from .framestream import (
     FrameStream,
     frame_range,
@@ -650,7 +651,7 @@ def run(
         write_field(tr, "transmission", trans, attrs={"median": median})
         write_field(tr, "frame_number", np.arange(nframes, dtype=np.int32))
 
-    with h5py.File(scan_file, "r+") as f:
+    with update_scan_file(scan_file) as f:
         group = f[entry]
         replace_group(group, "frame_sums", build)
         data = group["data"]

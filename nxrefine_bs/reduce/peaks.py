@@ -55,6 +55,7 @@ from ..geometry import Geometry
 from ..nexus.geometry_io import read_geometry
 from ..nexus.h5tools import write_field
 from ..nexus.provenance import now_iso, process_done, read_process, record_process
+from ..nexus.scanfile import update_scan_file
 from .framestream import (
     FrameStream,
     frame_range,
@@ -564,7 +565,7 @@ def run(
         "threshold": thr,
         "min_pixels": npix_min,
     }
-    with h5py.File(scan_file, "r+") as f:
+    with update_scan_file(scan_file) as f:
         group = f[entry]
         replace_group(group, "peaks", build)
         record_process(

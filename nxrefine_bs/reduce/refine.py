@@ -55,6 +55,7 @@ from ..geometry import Geometry, GeometryError, b_matrix, rotation_x, rotation_y
 from ..nexus.geometry_io import read_geometry, read_orientation, write_geometry, write_orientation
 from ..nexus.h5tools import nx_group, write_field
 from ..nexus.provenance import now_iso, process_done, record_process
+from ..nexus.scanfile import update_scan_file
 from .lattice import Lattice, LatticeError, read_lattice, write_lattice
 from .orient import MIN_PEAKS, auto_index, orthogonalize, peak_vectors, rotation_angle
 
@@ -933,7 +934,7 @@ def run(
         "degenerate": list(result.degenerate),
         "orientation_change": rotation_angle(u0.T @ result.U),
     }
-    with h5py.File(path, "r+") as f:
+    with update_scan_file(path) as f:
         fe = f[entry]
         write_orientation(fe, result.U)
         write_geometry(fe, result.geometry, phi_end=phi_end)

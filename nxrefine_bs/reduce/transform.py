@@ -55,6 +55,7 @@ from ..geometry import Geometry, reciprocal_parameters
 from ..nexus.geometry_io import read_cell, read_geometry, read_ub
 from ..nexus.h5tools import nx_group, read_field, write_external_link, write_field
 from ..nexus.provenance import now_iso, process_done, record_process
+from ..nexus.scanfile import update_scan_file
 from .grid import QGrid, make_grid
 
 logger = logging.getLogger(__name__)
@@ -860,7 +861,7 @@ def run(
         "seconds": round(seconds, 3),
         "mpix_per_s": round(npix / max(t_kernel, 1e-9) / 1e6, 2),
     }
-    with h5py.File(scan_file, "r+") as f:
+    with update_scan_file(scan_file) as f:
         fe = f[entry]
         write_field(fe["data"], "monitor_weight", weights, attrs={"axes": "frame_number"})
         sample = read_field(fe, "sample/name") or "sample"
