@@ -30,9 +30,11 @@ PROG = "nxrefine-bs"
 
 COMMAND_MODULES: list[str] = [
     "nxrefine_bs.cli.setup",
+    "nxrefine_bs.cli.acquire",
     "nxrefine_bs.cli.reduce",
     "nxrefine_bs.cli.workflow",
     "nxrefine_bs.cli.calibration",
+    "nxrefine_bs.cli.importing",
 ]
 """Modules providing ``register(subparsers)``; add new sub-command modules here."""
 

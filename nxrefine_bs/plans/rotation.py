@@ -359,6 +359,7 @@ def start_metadata(
     plan_args: Mapping[str, Any],
     frame_time: float,
     md: Mapping[str, Any] | None = None,
+    rotation: tuple[int, int] = (1, 1),
 ) -> dict[str, Any]:
     """The start document of one rotation (see ``docs/documents.md``).
 
@@ -377,6 +378,9 @@ def start_metadata(
         Frame period (s).
     md : mapping, optional
         Extra user metadata (may not set the plan's own keys).
+    rotation : tuple of int
+        ``(index, total)``: this rotation's position (1-based) in its scan, so
+        post-scan callbacks know when the last rotation of a scan has finished.
     """
     det = devices.detector
     phi = devices.goniometer.phi
@@ -409,6 +413,8 @@ def start_metadata(
                 "geometry": _geometry_dict(spec),
                 "translation": {"x": spec.translation[0], "y": spec.translation[1]},
                 "n_frames": spec.n_frames,
+                "rotation_index": int(rotation[0]),
+                "rotations": int(rotation[1]),
             },
         }
     )
@@ -543,12 +549,19 @@ def _one_rotation(
     frame_time: float,
     baseline: bool,
     md: Mapping[str, Any] | None,
+    rotation: tuple[int, int] = (1, 1),
 ) -> MsgGenerator[str]:
     """Pre-position, then stage, open the run, acquire, close, unstage."""
     det = devices.detector
     phi = devices.goniometer.phi
     _md = start_metadata(
-        devices, spec, plan_name=plan_name, plan_args=plan_args, frame_time=frame_time, md=md
+        devices,
+        spec,
+        plan_name=plan_name,
+        plan_args=plan_args,
+        frame_time=frame_time,
+        md=md,
+        rotation=rotation,
     )
     yield from _pre_position(devices, spec, frame_time)
     frames = _fly_frames if mode == "fly" else _step_frames
@@ -802,6 +815,7 @@ def _run_rotations(
             frame_time=frame_time,
             baseline=baseline,
             md=md,
+            rotation=(k + 1, len(specs)),
         )
         uids.append(uid)
     return uids

@@ -973,7 +973,9 @@ def plot_slice(
     )
     axp.set_xlabel(f"{others[0].upper()} (r.l.u.)")
     axp.set_ylabel(f"{others[1].upper()} (r.l.u.)")
-    axp.set_title(f"{Path(transform_file).name}: {axis.upper()} = {ax_obj.values[i]:g}")
+    axp.set_title(
+        f"{Path(transform_file).name}: {axis.upper()} = {round(float(ax_obj.values[i]), 6):g}"
+    )
     fig.colorbar(im, ax=axp)
     png = Path(png)
     fig.savefig(png)

@@ -128,7 +128,7 @@ def scan_metadata(scan_file: str | os.PathLike[str], db: Any = None) -> dict[str
     meta: dict[str, Any] = {"sample": sample, "label": label, "scan": scan}
     from ..workflow.database import SCAN_ENTRY, Status, aggregate_status, rotation_entries
 
-    with h5py.File(path, "r", locking=False) as f:
+    with h5py.File(path, "r") as f:
         entries = rotation_entries(f)
         sample_grp = f.get("entry/sample")
         if isinstance(sample_grp, h5py.Group):

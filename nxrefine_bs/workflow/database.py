@@ -847,7 +847,7 @@ class WorkflowDB:
         path = Path(scan_file).absolute()
         records: dict[tuple[str, str], dict[str, Any] | None] = {}
         try:
-            with h5py.File(path, "r", locking=False) as f:
+            with h5py.File(path, "r") as f:
                 entries = rotation_entries(f)
                 for step in STEPS.values():
                     for entry in scan_targets(step, entries):

@@ -133,7 +133,7 @@ def parent_scan_file(scan_file: str | os.PathLike[str]) -> Path | None:
         parent = Path(found).absolute() if found else None
     else:
         try:
-            with h5py.File(scan_file, "r", locking=False) as f:
+            with h5py.File(scan_file, "r") as f:
                 item = f.get("entry/nxscans/parent")
                 value = item[()] if isinstance(item, h5py.Dataset) else None
         except OSError as exc:
@@ -158,7 +158,7 @@ def _parent_blocker(scan_file: Path, entry: str) -> str | None:
     if not parent.exists():
         return f"parent scan {parent} does not exist; fix /entry/nxscans/parent or remove it"
     try:
-        with h5py.File(parent, "r", locking=False) as f:
+        with h5py.File(parent, "r") as f:
             group = f.get(entry)
             done = isinstance(group, h5py.Group) and process_done(group, PARENT_PROCESS)
     except OSError as exc:
@@ -228,7 +228,7 @@ def _worker_name() -> str:
 def _read_done(scan_file: Path, pairs: Iterable[tuple[Step, str]]) -> dict[tuple[str, str], Any]:
     """``{(step, entry): record or None}`` from the scan file, opened read-only briefly."""
     out: dict[tuple[str, str], Any] = {}
-    with h5py.File(scan_file, "r", locking=False) as f:
+    with h5py.File(scan_file, "r") as f:
         for step, entry in pairs:
             group = f.get(entry)
             if isinstance(group, h5py.Group) and process_done(group, step.process):
@@ -306,7 +306,7 @@ def run_scan_steps(
     if db is not None and not isinstance(db, WorkflowDB):
         db = WorkflowDB(db)
     try:
-        with h5py.File(scan_file, "r", locking=False) as f:
+        with h5py.File(scan_file, "r") as f:
             all_entries = rotation_entries(f)
     except OSError as exc:
         raise WorkflowError(f"cannot open scan file {scan_file}: {exc}") from exc

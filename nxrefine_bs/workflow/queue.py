@@ -156,7 +156,7 @@ class ReductionQueue:
         """Entries, step names and the (step, entry) tasks that need queuing."""
         chosen = select_steps(steps, self.registry)
         try:
-            with h5py.File(scan_file, "r", locking=False) as f:
+            with h5py.File(scan_file, "r") as f:
                 all_entries = rotation_entries(f)
                 wanted = list(entries) if entries is not None else all_entries
                 missing = [e for e in wanted if e not in all_entries]
@@ -184,11 +184,14 @@ class ReductionQueue:
         entries: Sequence[str] | None = None,
         overwrite: bool = False,
         params: Mapping[str, Any] | None = None,
+        after: Iterable[Job] = (),
     ) -> list[Job]:
         """Queue steps on scan files (files or directories).
 
         Tasks already done in the file are not queued unless ``overwrite``.  A scan
-        whose parent is queued in this queue starts after the parent's job ends.
+        whose parent is queued in this queue starts after the parent's job ends; every
+        job also waits for the jobs listed in ``after`` (e.g. a combine step waiting
+        for the per-rotation work of the same scan).
 
         Returns
         -------
@@ -222,9 +225,12 @@ class ReductionQueue:
             parent_job = self._pending_job(job.parent) if job.parent is not None else None
             with self._lock:
                 self.jobs.append(job)
+            waits = [j for j in after if j is not None and j is not job]
             if parent_job is not None:
                 logger.info("%s waits for its parent %s", scan_file.name, job.parent.name)
-                self._after(parent_job, job)
+                waits.append(parent_job)
+            if waits:
+                self._after(waits, job)
             else:
                 self._launch(job)
             jobs.append(job)
@@ -239,19 +245,20 @@ class ReductionQueue:
             logger.warning("%s: cannot resolve its parent scan: %s", scan_file.name, exc)
             return None
 
-    def _after(self, parent_job: Job, job: Job) -> None:
-        def when_parent_done(_: Any = None) -> None:
-            self._launch(job)
+    def _after(self, earlier: Sequence[Job], job: Job) -> None:
+        """Launch ``job`` once every job in ``earlier`` has finished (in a watcher thread)."""
 
         def watcher() -> None:
-            parent_job.launched.wait()
-            assert parent_job.future is not None
-            parent_job.future.add_done_callback(when_parent_done)
+            for other in earlier:
+                other.launched.wait()
+                if other.future is None:
+                    continue
+                finished = threading.Event()
+                other.future.add_done_callback(lambda _=None, ev=finished: ev.set())
+                finished.wait()
+            self._launch(job)
 
-        if parent_job.launched.is_set() and parent_job.future is not None:
-            parent_job.future.add_done_callback(when_parent_done)
-        else:
-            threading.Thread(target=watcher, daemon=True, name="nxreduce-defer").start()
+        threading.Thread(target=watcher, daemon=True, name="nxreduce-defer").start()
 
     def _launch(self, job: Job) -> None:
         try:
@@ -302,7 +309,7 @@ class ReductionQueue:
         for filename, (names, entries) in sorted(by_file.items()):
             path = self.db.absolute_path(filename)
             if not entries:
-                with h5py.File(path, "r", locking=False) as f:
+                with h5py.File(path, "r") as f:
                     entries = set(rotation_entries(f))
             jobs += self.submit(
                 path,

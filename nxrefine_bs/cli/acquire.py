@@ -1,0 +1,149 @@
+"""``nxrefine-bs`` acquisition sub-commands: ``demo``, ``writer`` (0MQ) and ``replay``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..errors import NXRefineBSError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the acquisition sub-commands."""
+    p = subparsers.add_parser(
+        "demo",
+        help="run a simulated temperature series end to end",
+        description="Create an experiment in DIR/demo, run a multi-rotation temperature series "
+        "on the simulated beamline, write the NeXus scan files, reduce them and archive "
+        "everything in an embedded Tiled catalog.",
+    )
+    p.add_argument("directory", type=Path, metavar="DIR")
+    p.add_argument("--detector", default="Pilatus 300K", help="pyFAI detector name")
+    p.add_argument(
+        "--temperatures",
+        default="300,100",
+        help="comma-separated temperatures in K (default 300,100)",
+    )
+    p.add_argument(
+        "--omegas",
+        default="0,15,-15",
+        help="comma-separated omega of each rotation (default 0,15,-15)",
+    )
+    p.add_argument("--phi", default="-5,175,1", metavar="START,END,STEP", help="rotation range")
+    p.add_argument("--grid-step", type=float, default=0.05, help="HKL grid step (r.l.u.)")
+    p.add_argument("--no-reduce", action="store_true", help="acquire only")
+    p.add_argument("--no-tiled", action="store_true", help="do not archive in Tiled")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous demo in DIR")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
+    p = subparsers.add_parser(
+        "writer",
+        help="run the NeXus writer out of process (0MQ)",
+        description="Write scan files from documents published through a bluesky 0MQ proxy "
+        "(bluesky-0MQ-proxy --in-address 5577 --out-address 5578).",
+    )
+    p.add_argument("--zmq", required=True, metavar="HOST:PORT", help="proxy output address")
+    p.add_argument("--reduce", default="", metavar="STEPS", help="post-scan steps, e.g. max,find")
+    p.set_defaults(func=_cmd_writer)
+
+    p = subparsers.add_parser(
+        "replay",
+        help="regenerate scan files from runs archived in Tiled",
+        description="Re-drive the NeXus writer (and optionally reduction) with archived runs.",
+    )
+    p.add_argument("catalog", help="experiment directory (embedded catalog) or Tiled URL")
+    p.add_argument("--uid", action="append", default=[], help="run uid (repeatable)")
+    p.add_argument("--scan-id", type=int, action="append", default=[], help="scan id")
+    p.add_argument("--sample", help="replay every run of this sample")
+    p.add_argument("--scan", help="with --sample: only this scan (e.g. 300K)")
+    p.add_argument("--into", type=Path, help="write into this experiment directory instead")
+    p.add_argument("--reduce", default="", metavar="STEPS", help="also run these steps")
+    p.set_defaults(func=_cmd_replay)
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise NXRefineBSError(f"--{what} expects comma-separated numbers, got {text!r}") from None
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ..demo import run_demo
+
+    phi = _floats(args.phi, "phi")
+    if len(phi) != 3:
+        raise NXRefineBSError(f"--phi expects START,END,STEP, got {args.phi!r}")
+    result = run_demo(
+        args.directory,
+        detector=args.detector,
+        temperatures=_floats(args.temperatures, "temperatures"),
+        omegas=_floats(args.omegas, "omegas"),
+        phi_start=phi[0],
+        phi_end=phi[1],
+        phi_step=phi[2],
+        grid_step=args.grid_step,
+        reduce=not args.no_reduce,
+        tiled=not args.no_tiled,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+        seed=args.seed,
+    )
+    print(f"experiment: {result.experiment_dir}")
+    for path in result.scan_files:
+        print(f"scan file:  {path}")
+    for res in result.reduction:
+        print(f"reduced:    {res}")
+    for png in result.plots:
+        print(f"plot:       {png}")
+    if result.processed:
+        print(f"tiled:      {len(result.processed)} processed scans registered")
+    print(
+        f"done in {result.seconds:.0f} s; see 'nxrefine-bs workflow status {result.experiment_dir}'"
+    )
+    return 0
+
+
+def _cmd_writer(args: argparse.Namespace) -> int:
+    from ..callbacks.remote import serve
+
+    serve(args.zmq, reduce_steps=[s for s in args.reduce.split(",") if s])
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from ..callbacks.nexus_writer import NeXusScanWriter
+    from ..tiled.catalog import close_catalog, open_catalog
+    from ..tiled.replay import replay_runs, select_runs
+
+    client = open_catalog(args.catalog)
+    try:
+        query = None
+        if args.sample:
+            query = {"sample": args.sample}
+            if args.scan:
+                query["scan"] = args.scan
+        runs = select_runs(client, uids=args.uid, scan_ids=args.scan_id, query=query)
+        callbacks = [NeXusScanWriter()]
+        reduction = None
+        steps = [s for s in args.reduce.split(",") if s]
+        if steps:
+            from ..callbacks.reduction import PostScanReduction
+
+            reduction = PostScanReduction(steps)
+            callbacks.append(reduction)
+        uids = replay_runs(runs, callbacks, experiment_dir=args.into)
+        if reduction is not None:
+            reduction.wait()
+            reduction.close()
+        print(f"replayed {len(uids)} run(s)")
+    finally:
+        close_catalog(client)
+    return 0
