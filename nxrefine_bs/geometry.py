@@ -42,7 +42,27 @@ __all__ = [
     "random_rotation",
     "Geometry",
     "GeometryError",
+    "RUN_GEOMETRY_KEYS",
 ]
+
+RUN_GEOMETRY_KEYS: tuple[str, ...] = (
+    "wavelength",
+    "distance",
+    "pixel_size",
+    "shape",
+    "beam_center_x",
+    "beam_center_y",
+    "yaw",
+    "pitch",
+    "roll",
+    "detector_orientation",
+    "chi",
+    "omega",
+    "theta",
+    "phi_start",
+    "phi_step",
+)
+"""``Geometry`` fields recorded in a run's start document (``nxrefine.geometry``)."""
 
 HC_KEV_ANGSTROM = 12.398419739640717
 """h*c in keV*Angstrom: energy (keV) = HC_KEV_ANGSTROM / wavelength (Angstrom)."""

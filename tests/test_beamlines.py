@@ -113,7 +113,7 @@ def test_qm2_raw_tree(tmp_path, server_settings):
         tmp_path / "raw" / "run2026" / "raw6M" / "TiSe2" / "xtal1" / "300K"
     )
     assert beamline.scan_data_directory(paths) == exp.directory / "TiSe2" / "xtal1" / "300K"
-    with pytest.raises(NXRefineBSError, match="not implemented yet"):
+    with pytest.raises(NXRefineBSError, match="does not exist"):
         beamline.import_data(exp, exp.configuration_file("c"), "TiSe2", "xtal1")
 
 

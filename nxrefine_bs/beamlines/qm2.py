@@ -49,7 +49,7 @@ import numpy as np
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from ..errors import ExperimentError, FileExistsNXError, PathSafetyError
+from ..errors import ExperimentError, FileExistsNXError, InvalidNameError, PathSafetyError
 from ..experiment import Experiment, ScanPaths, safe_join, validate_name
 from .base import BeamLine
 from .spec import SpecFile, SpecFileError, SpecScan, read_spec
@@ -526,7 +526,13 @@ class QM2Beamline(BeamLine):
         pattern = re.compile(rf"^{re.escape(sample)}_(\d+)$")
         out: list[RawScan] = []
         for name in names:
-            validate_name(name, "scan")
+            try:
+                validate_name(name, "scan")
+            except InvalidNameError as exc:
+                if strict:
+                    raise
+                logger.warning("%s: skipping raw directory %r (%s)", label_dir, name, exc)
+                continue
             directory = label_dir / name
             rotations = []
             for sub in sorted(directory.iterdir(), key=_natural_key):
@@ -560,7 +566,7 @@ class QM2Beamline(BeamLine):
 
     # ------------------------------------------------------------------ import
 
-    def import_data(  # type: ignore[override]
+    def import_data(
         self,
         experiment: Experiment,
         configuration: str | os.PathLike[str],

@@ -38,7 +38,7 @@ from event_model import DocumentRouter
 
 from ..errors import MetadataError, PathSafetyError
 from ..experiment import safe_join, validate_name
-from ..geometry import Geometry
+from ..geometry import RUN_GEOMETRY_KEYS, Geometry
 from ..nexus.geometry_io import write_geometry
 from ..nexus.h5tools import nx_group, read_field, write_external_link, write_field
 from ..nexus.provenance import now_iso, record_process
@@ -48,23 +48,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["NeXusScanWriter", "nexus_writer_factory", "scan_file_for_start"]
 
-_GEOMETRY_KEYS = (
-    "wavelength",
-    "distance",
-    "pixel_size",
-    "shape",
-    "beam_center_x",
-    "beam_center_y",
-    "yaw",
-    "pitch",
-    "roll",
-    "detector_orientation",
-    "chi",
-    "omega",
-    "theta",
-    "phi_start",
-    "phi_step",
-)
 
 
 def _uri_to_path(uri: str) -> Path:
@@ -179,12 +162,12 @@ class _RunWriter(DocumentRouter):
     def start(self, doc: dict[str, Any]) -> None:
         st = self.state
         geom_md = st.md.get("geometry") or {}
-        missing = [k for k in _GEOMETRY_KEYS if k not in geom_md]
+        missing = [k for k in RUN_GEOMETRY_KEYS if k not in geom_md]
         if missing:
             raise MetadataError(
                 f"run {doc.get('uid')}: nxrefine.geometry lacks {', '.join(missing)}"
             )
-        geometry = Geometry(**{k: geom_md[k] for k in _GEOMETRY_KEYS})
+        geometry = Geometry(**{k: geom_md[k] for k in RUN_GEOMETRY_KEYS})
         config = st.md.get("configuration")
         if not st.scan_file.exists():
             if config:

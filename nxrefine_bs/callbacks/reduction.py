@@ -65,6 +65,7 @@ class PostScanReduction:
         self._start: dict[str, Any] | None = None
         self._jobs: dict[Path, list[Any]] = {}
         self.errors: list[str] = []
+        """Failures: submissions that raised, and failed steps seen by :meth:`wait`."""
 
     # ------------------------------------------------------------------ queues
     def queue_for(self, experiment_dir: Path) -> Any:
@@ -81,11 +82,29 @@ class PostScanReduction:
         return self._queues[experiment_dir]
 
     def wait(self, timeout: float | None = None) -> list[Any]:
-        """Wait for every queued reduction (for scripts and tests); return the results."""
+        """Wait for every queued reduction (for scripts and tests); return the results.
+
+        Every failed step of the results is also added to :attr:`errors` as
+        ``"<step> on <scan file>:<entry> failed: <message>"`` (the workflow database
+        and the log hold the same message).
+
+        Returns
+        -------
+        list of ScanResult
+            One per job finished since the last call.
+        """
         results: list[Any] = []
         queues = [self._queue] if self._queue is not None else list(self._queues.values())
         for q in queues:
             results.extend(q.wait(timeout))
+        for result in results:
+            for outcome in getattr(result, "failed", ()):
+                message = (
+                    f"{outcome.step} on {result.scan_file.name}:{outcome.entry} failed: "
+                    f"{outcome.message}"
+                )
+                if message not in self.errors:
+                    self.errors.append(message)
         return results
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..errors import NXRefineBSError
+from ..errors import NXRefineBSError, ScanFileError
 from ..reduce.steps import STEP_ORDER, get_step, run_step, step_entries
 
 logger = logging.getLogger(__name__)
@@ -22,15 +22,15 @@ logger = logging.getLogger(__name__)
 __all__ = ["register"]
 
 
-def _scan_file(text: str) -> Path:
-    path = Path(text)
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"scan file {text} does not exist")
-    return path
+def _check_scan_files(paths: list[Path]) -> None:
+    """Raise a one-line :class:`ScanFileError` naming the first missing scan file."""
+    for path in paths:
+        if not path.is_file():
+            raise ScanFileError(f"scan file {path} does not exist")
 
 
 def _common(p: argparse.ArgumentParser, *, per_entry: bool = True) -> None:
-    p.add_argument("scan_files", nargs="+", type=_scan_file, metavar="SCAN_FILE")
+    p.add_argument("scan_files", nargs="+", type=Path, metavar="SCAN_FILE")
     if per_entry:
         p.add_argument("-e", "--entries", nargs="+", help="rotation entries (default: all)")
     p.add_argument("-o", "--overwrite", action="store_true", help="redo if already done")
@@ -43,6 +43,7 @@ def _frames(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace, steps: list[str], params: dict[str, Any]) -> int:
+    _check_scan_files(args.scan_files)
     params = {k: v for k, v in params.items() if v is not None}
     for scan_file in args.scan_files:
         for name in steps:
@@ -124,7 +125,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(p)
     _frames(p)
     for axis in ("qh", "qk", "ql"):
-        p.add_argument(f"--{axis}", type=_grid, metavar="MIN,STEP,MAX")
+        p.add_argument(
+            f"--{axis}",
+            type=_grid,
+            metavar="MIN,STEP,MAX",
+            help=f"grid axis in r.l.u.; write --{axis}=-4,0.02,4 when MIN is negative",
+        )
     p.add_argument("-M", "--mask", action="store_true", help="apply the 3-D mask")
     p.set_defaults(
         func=lambda a: _run(a, ["transform"], _pick(a, "first", "last", "qh", "qk", "ql", "mask"))
@@ -134,6 +140,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(p, per_entry=False)
     p.add_argument("-M", "--mask", action="store_true", help="combine the masked transforms")
     p.set_defaults(func=lambda a: _run(a, ["combine"], _pick(a, "mask")))
+
+    p = subparsers.add_parser(
+        "lattice",
+        help="define the lattice (space group and unit cell) of scans",
+        description="Define lattice: validate a space group and unit cell (or read them from "
+        "a CIF file) and store them in entry/sample of each scan file, as NXRefine does.",
+    )
+    p.add_argument("scan_files", nargs="+", type=Path, metavar="SCAN_FILE")
+    p.add_argument("-g", "--space-group", help="H-M symbol or number, e.g. 'Fm-3m' or 225")
+    p.add_argument(
+        "-c",
+        "--cell",
+        metavar="a[,b,c,alpha,beta,gamma]",
+        help="the free cell parameters of the crystal system in order (cubic: a; tetragonal "
+        "and hexagonal: a,c; ...) or all six (Angstrom, degrees)",
+    )
+    p.add_argument("--cif", type=Path, metavar="FILE", help="read cell and space group from a CIF")
+    p.set_defaults(func=_cmd_lattice)
 
     p = subparsers.add_parser("plot-slice", help="PNG of a slice through a transform")
     p.add_argument("transform_file", type=Path, help="transform.nxs or fN_transform.nxs")
@@ -161,12 +185,79 @@ def _cmd_reduce(args: argparse.Namespace) -> int:
 
 
 def _number(text: str) -> Any:
+    if "," in text:  # a grid MIN,STEP,MAX or another list of numbers
+        values = [_number(v.strip()) for v in text.split(",")]
+        return tuple(values) if all(isinstance(v, int | float) for v in values) else text
     for conv in (int, float):
         try:
             return conv(text)
         except ValueError:
             pass
     return text
+
+
+def parse_lattice(
+    space_group: str | None = None, cell: str | None = None, cif: Path | None = None
+) -> Any:
+    """The :class:`~nxrefine_bs.reduce.lattice.Lattice` given on the command line.
+
+    Parameters
+    ----------
+    space_group : str, optional
+        H-M symbol or International Tables number.
+    cell : str, optional
+        Comma-separated cell: the free parameters of the crystal system in order, or all
+        six ``a,b,c,alpha,beta,gamma``.
+    cif : Path, optional
+        A CIF file giving both (exclusive with ``space_group`` and ``cell``).
+
+    Raises
+    ------
+    NXRefineBSError
+        On a missing or contradictory option, an unknown space group or an inconsistent
+        cell (:class:`~nxrefine_bs.reduce.lattice.LatticeError`).
+    """
+    from ..reduce.lattice import CELL_NAMES, Lattice, LatticeError
+
+    if cif is not None:
+        if space_group or cell:
+            raise NXRefineBSError("give either --cif or --space-group with --cell, not both")
+        if not cif.is_file():
+            raise NXRefineBSError(f"CIF file {cif} does not exist")
+        return Lattice.from_cif(cif)
+    if not (space_group and cell):
+        raise NXRefineBSError("give --space-group and --cell, or --cif")
+    try:
+        values = [float(v) for v in cell.split(",") if v.strip()]
+    except ValueError:
+        raise NXRefineBSError(f"--cell expects comma-separated numbers, got {cell!r}") from None
+    # The free parameters of the crystal system (this also rejects an unknown group).
+    probe = Lattice.from_space_group(space_group, 1.0, 1.0, 1.0, 90.0, 90.0, 90.0)
+    free = probe.free_parameters
+    if len(values) == 6:
+        return Lattice(*values, space_group=space_group)
+    if len(values) != len(free):
+        raise LatticeError(
+            f"--cell {cell!r}: space group {probe.space_group!r} needs {','.join(free)} "
+            f"(or all six of {','.join(CELL_NAMES)}), got {len(values)} value(s)"
+        )
+    return Lattice.from_space_group(space_group, **dict(zip(free, values, strict=True)))
+
+
+def _cmd_lattice(args: argparse.Namespace) -> int:
+    from ..nexus.h5tools import nx_group
+    from ..nexus.scanfile import update_scan_file
+    from ..reduce.lattice import write_lattice
+
+    _check_scan_files(args.scan_files)
+    lattice = parse_lattice(args.space_group, args.cell, args.cif)
+    for scan_file in args.scan_files:
+        with update_scan_file(scan_file) as f:
+            if "entry" not in f:
+                raise ScanFileError(f"{scan_file} has no /entry; is it a scan file?")
+            write_lattice(nx_group(f["entry"], "sample", "NXsample"), lattice)
+        print(f"{scan_file}: {lattice}")
+    return 0
 
 
 def _cmd_plot_slice(args: argparse.Namespace) -> int:

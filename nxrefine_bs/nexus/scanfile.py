@@ -142,8 +142,34 @@ def update_scan_file(path: str | os.PathLike[str], mode: str = "r+") -> Iterator
     """
     if mode not in ("r+", "a"):
         raise ScanFileError(f"update_scan_file opens for writing only ('r+' or 'a'), not {mode!r}")
-    with locked(path), h5py.File(path, mode) as f:
+    with locked(path), _open_for_update(Path(path), mode) as f:
         yield f
+
+
+_BUSY_MESSAGES = ("already open for read-only", "unable to lock file")
+"""HDF5 open errors meaning "a reader has the file open right now" (retried)."""
+
+
+def _open_for_update(
+    path: Path, mode: str, *, timeout: float = LOCK_TIMEOUT, poll: float = 0.01
+) -> h5py.File:
+    """Open ``path`` for writing, waiting while a reader holds it open.
+
+    Readers (reduction steps, the workflow queue) open scan files read-only without the
+    lock, briefly.  HDF5 refuses a read-write open while the same process has the file
+    open read-only ("already open for read-only"), and while another process holds it
+    with HDF5 file locking ("unable to lock file"); both pass as soon as the reader
+    closes it, so the open is retried for up to ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return h5py.File(path, mode)
+        except OSError as exc:
+            if not any(m in str(exc) for m in _BUSY_MESSAGES) or time.monotonic() > deadline:
+                raise
+            logger.debug("%s is open in a reader; retrying: %s", path, exc)
+            time.sleep(poll)
 
 
 def _now() -> str:

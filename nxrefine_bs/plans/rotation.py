@@ -47,7 +47,7 @@ from ophyd_async.plan_stubs import ensure_connected
 
 from ..errors import InvalidNameError, MetadataError, PathSafetyError
 from ..experiment import safe_join, scan_directory_name, validate_name
-from ..geometry import Geometry
+from ..geometry import RUN_GEOMETRY_KEYS, Geometry
 
 logger = logging.getLogger(__name__)
 
@@ -77,23 +77,6 @@ RESERVED_MD_KEYS = frozenset(
 )
 """Start-document keys the plans own; ``md`` may not set them."""
 
-GEOMETRY_KEYS = (
-    "wavelength",
-    "distance",
-    "pixel_size",
-    "shape",
-    "beam_center_x",
-    "beam_center_y",
-    "yaw",
-    "pitch",
-    "roll",
-    "detector_orientation",
-    "chi",
-    "omega",
-    "theta",
-    "phi_start",
-    "phi_step",
-)
 
 
 @dataclass(frozen=True)
@@ -344,7 +327,7 @@ def _check_mode(devices: Any, mode: str) -> None:
 def _geometry_dict(spec: RotationSpec) -> dict[str, Any]:
     g = spec.geometry
     out: dict[str, Any] = {}
-    for key in GEOMETRY_KEYS:
+    for key in RUN_GEOMETRY_KEYS:
         value = getattr(g, key)
         out[key] = [int(v) for v in value] if key == "shape" else value
     out["phi_end"] = spec.phi_end

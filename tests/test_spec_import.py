@@ -1,0 +1,410 @@
+"""SPEC parsing and the QM2 import from a simulated raw tree (real SPEC, CBF and TIFF files)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from nxrefine_bs.beamlines.qm2 import QM2Beamline, RawDataError
+from nxrefine_bs.beamlines.spec import SpecFileError, read_spec
+from nxrefine_bs.cli import main
+from nxrefine_bs.errors import ExperimentError, FileExistsNXError, TemplateError
+from nxrefine_bs.experiment import Experiment
+from nxrefine_bs.nexus.scanfile import check_data_link, read_geometry
+from nxrefine_bs.nexus.template import Position, create_configuration
+from nxrefine_bs.simulation.frames import DetectorModel
+from nxrefine_bs.simulation.spec import make_qm2_raw_tree
+
+DETECTOR = "Imxpad S10"  # 120 x 80 pixels: the smallest pyFAI area detector
+SAMPLE, LABEL = "TiSe2", "xtal1"
+N_FRAMES = 6
+
+
+def gapped_detector() -> DetectorModel:
+    """The Imxpad S10 shape with two gap rows and a dead column (frames hold -1 there)."""
+    mask = np.zeros((120, 80), dtype=np.int8)
+    mask[59:61, :] = 1
+    mask[:, 40] = 1
+    return DetectorModel(DETECTOR, (120, 80), 0.13, mask)
+
+
+@pytest.fixture
+def qm2(tmp_path: Path, server_settings: Path) -> Experiment:
+    """A QM2 experiment with raw_home = <tmp>/raw and raw_path = raw6M."""
+    return Experiment.create(
+        tmp_path / "analysis", "run1", beamline="QM2", raw_home=tmp_path / "raw", raw_path="raw6M"
+    )
+
+
+@pytest.fixture
+def s10(qm2: Experiment) -> Path:
+    """Configuration ``s10``: two positions, as the simulated rotations."""
+    return create_configuration(
+        qm2.configuration_file("s10"),
+        detector=DETECTOR,
+        positions=[Position(chi=-90.0), Position(chi=-90.0, omega=15.0)],
+    )
+
+
+def make_tree(experiment: Experiment, **kwargs):
+    beamline = QM2Beamline()
+    options = {
+        "spec_file": beamline.spec_file_candidates(experiment, SAMPLE)[0],
+        "sample": SAMPLE,
+        "label": LABEL,
+        "scans": {"300K": 300.0, "300Kb": 300.0},
+        "positions": [(-90.0, 0.0, 0.0), (-85.0, 15.0, 2.5)],
+        "detector": gapped_detector(),
+        "n_frames": N_FRAMES,
+        "seed": 3,
+    }
+    options.update(kwargs)
+    return make_qm2_raw_tree(beamline.raw_directory(experiment), **options)
+
+
+@pytest.fixture
+def tree(qm2: Experiment, s10: Path):
+    return make_tree(qm2)
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, str | None]]:
+    """Every path under ``root`` with its mtime and content hash."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        out[str(path.relative_to(root))] = (path.stat().st_mtime_ns, digest)
+    return out
+
+
+def analysis_files(experiment: Experiment) -> list[str]:
+    sample_dir = experiment.directory / SAMPLE
+    if not sample_dir.exists():
+        return []
+    return sorted(str(p.relative_to(sample_dir)) for p in sample_dir.rglob("*"))
+
+
+# --------------------------------------------------------------------------- SPEC parser
+
+GOOD_SPEC = """#F demo
+#E 1700000000
+#D Tue Oct 10 12:00:00 2023
+#C header comment
+#O0 phi  chi  th
+#O1 Two Theta  samz
+
+#S 7  flyangle phi 0 2 4 0.5
+#D Tue Oct 10 12:01:00 2023
+#T 0.5  (Seconds)
+#P0 0 90 1.5
+#P1 12.5 -3
+#L phi  Two Theta  flyc1
+
+0 1 100
+#C a comment inside the data
+0.5 1 101
+@A 1 2 3
+1 1 102
+1.5 1 103
+
+#S 8  ascan th 0 1 1 1
+#L th  flyc1
+0 5
+1 6
+"""
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_read_spec(tmp_path):
+    spec = read_spec(write(tmp_path / "demo", GOOD_SPEC))
+    assert sorted(spec.scans) == [7, 8] and 7 in spec
+    assert spec.motors == ["phi", "chi", "th", "Two Theta", "samz"]
+    scan = spec.scan(7)
+    assert scan.command == "flyangle phi 0 2 4 0.5"
+    assert scan.labels == ["phi", "Two Theta", "flyc1"]
+    assert scan.data.shape == (4, 3)
+    assert scan.column("FLYC1").tolist() == [100, 101, 102, 103]
+    assert scan.positioners == {"phi": 0, "chi": 90, "th": 1.5, "Two Theta": 12.5, "samz": -3}
+    assert scan.count_time == 0.5
+    assert scan.start_time == "2023-10-10T12:01:00"
+    assert scan.comments == ["a comment inside the data"]
+    assert spec.scan(8).start_time == "2023-10-10T12:00:00"  # falls back on the file date
+    with pytest.raises(SpecFileError, match=r"demo has no scan 9 \(it has scans 7..8\)"):
+        spec.scan(9)
+    with pytest.raises(SpecFileError, match="no column 'sampleT'"):
+        scan.column("sampleT")
+    with pytest.raises(SpecFileError, match="no position for motor 'omega'"):
+        scan.positioner("omega")
+
+
+def test_read_spec_repeated_scan_number(tmp_path, caplog):
+    text = GOOD_SPEC + "\n#S 8  ascan th 0 2 2 1\n#L th  flyc1\n0 7\n1 8\n2 9\n"
+    with caplog.at_level(logging.WARNING):
+        spec = read_spec(write(tmp_path / "demo", text))
+    assert spec.scan(8).nrows == 3
+    assert "scan 8 appears again" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("#S 7  flyangle", "#S seven  flyangle"), r"line 8: '#S' must be followed by a scan"),
+        (("0.5 1 101", "0.5 1 101 7"), r"line 17: .* has 4 values but '#L' names 3"),
+        (("1 1 102", "1 x 102"), r"line 19: data row of scan 7 holds 'x'"),
+        (("#P1 12.5 -3", "#P1 12.5 -3 4"), r"line 12: '#P1' has 3 positions but '#O1' names 2"),
+        (("#P1 12.5 -3", "#P2 1"), r"line 12: '#P2' has no matching '#O2'"),
+        (("#P0 0 90 1.5", "#P0 0 ninety 1.5"), r"line 11: #P0 holds 'ninety'"),
+        (("#L th  flyc1\n", ""), r"line 23: data row in scan 8 before its '#L'"),
+        (("#T 0.5", "#T soon"), r"line 10: '#T' must start with a counting time"),
+    ],
+)
+def test_read_spec_malformed(tmp_path, change, message):
+    old, new = change
+    assert old in GOOD_SPEC
+    path = write(tmp_path / "bad", GOOD_SPEC.replace(old, new, 1))
+    with pytest.raises(SpecFileError, match=message) as info:
+        read_spec(path)
+    assert str(path) in str(info.value)
+
+
+def test_read_spec_not_spec(tmp_path):
+    with pytest.raises(SpecFileError, match="does not exist"):
+        read_spec(tmp_path / "missing")
+    with pytest.raises(SpecFileError, match=r"line 1: data '1 2 3' before the first '#S'"):
+        read_spec(write(tmp_path / "numbers", "1 2 3\n"))
+    with pytest.raises(SpecFileError, match="has no '#' control lines"):
+        read_spec(write(tmp_path / "empty", "\n\n"))
+
+
+# --------------------------------------------------------------------------- import
+
+
+def test_import_matches_simulator(qm2, s10, tree):
+    raw_before = snapshot(qm2.directory.parents[2] / "raw")
+    beamline = QM2Beamline()
+    written = beamline.import_data(qm2, "s10", SAMPLE, LABEL)
+    label_dir = qm2.sample_dir(SAMPLE, LABEL)
+    assert written == [label_dir / "TiSe2_300K.nxs", label_dir / "TiSe2_300Kb.nxs"]
+    assert snapshot(qm2.directory.parents[2] / "raw") == raw_before  # raw tree untouched
+    assert not list(label_dir.rglob("*.tmp")) and not list(label_dir.rglob("*.lock"))
+
+    for scan_file, scan in zip(written, ("300K", "300Kb"), strict=True):
+        rotations = tree.scan(scan)
+        temperatures = np.concatenate([r.temperature for r in rotations])
+        with h5py.File(scan_file, "r") as f:
+            assert sorted(k for k in f if k.startswith("f")) == ["f1", "f2"]
+            sample = f["entry/sample"]
+            assert sample["temperature"][()] == pytest.approx(temperatures.mean(), abs=1e-12)
+            assert sample["temperature"].attrs["units"] == "K"
+            assert f["entry/start_time"][()].decode() == rotations[0].date.isoformat()
+            for rot in rotations:
+                fe = f[rot.entry]
+                sim = rot.simulator
+                assert fe["scan_number"][()] == rot.scan_number
+                assert fe["start_time"][()].decode() == rot.date.isoformat()
+                link = fe["data"].get("data", getlink=True)
+                assert isinstance(link, h5py.ExternalLink)
+                assert link.filename == f"{scan}/{rot.entry}.h5"  # relative
+                assert link.path == "/entry/data/data"
+                stack = fe["data/data"]
+                assert stack.dtype == np.int32 and stack.chunks == (1, 120, 80)
+                np.testing.assert_array_equal(stack[()], sim.frames())
+                assert (stack[:, 59:61, :] == -1).all()
+                mon = fe["monitor"]
+                assert mon.attrs["signal"] == "flyc1"
+                np.testing.assert_array_equal(mon["flyc1"][()], rot.flyc1)
+                np.testing.assert_array_equal(mon["flyc2"][()], rot.flyc2)
+                gon = fe["instrument/goniometer"]
+                np.testing.assert_allclose(gon["phi"][()], sim.phi, atol=1e-12)
+                assert gon["phi"].attrs["step"] == pytest.approx(0.5)
+                assert gon["phi"].attrs["end"] == pytest.approx(rot.phi_end)
+                assert gon["chi"][()] == pytest.approx(sim.geometry.chi)  # 90 - SPEC chi
+                assert gon["chi"][()] == pytest.approx(90.0 - rot.spec_chi)
+                assert gon["theta"][()] == pytest.approx(rot.spec_th)
+                assert fe["data/frame_number"][()].tolist() == list(range(N_FRAMES))
+                assert fe["instrument/detector/frame_time"][()] == pytest.approx(0.1)
+                np.testing.assert_array_equal(fe["instrument/logs/sampleT"][()], rot.temperature)
+                assert "nxlink" in fe["nxworkflow"]
+                geometry = read_geometry(fe)
+                assert geometry.phi_start == pytest.approx(sim.geometry.phi_start)
+                assert geometry.phi_step == pytest.approx(sim.geometry.phi_step)
+                assert geometry.chi == pytest.approx(sim.geometry.chi)
+                assert geometry.omega == pytest.approx(sim.geometry.omega)
+                assert fe["sample"] == f["entry/sample"]  # hard link
+            for rot in rotations:
+                assert check_data_link(scan_file, rot.entry) == label_dir / scan / f"{rot.entry}.h5"
+
+    from nexusformat.nexus import nxload
+
+    root = nxload(str(written[0]))
+    assert root["f2/data/data"].shape == (N_FRAMES, 120, 80)
+
+
+def test_import_refuses_to_replace(qm2, s10, tree):
+    beamline = QM2Beamline()
+    written = beamline.import_data(qm2, "s10", SAMPLE, LABEL)
+    label_dir = written[0].parent
+    stack = label_dir / "300K" / "f1.h5"
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (written[0], stack)}
+    with pytest.raises(FileExistsNXError, match=r"TiSe2_300K.nxs already exists.*--overwrite"):
+        beamline.import_data(qm2, "s10", SAMPLE, LABEL)
+    written[0].unlink()  # a stack alone also blocks the import
+    with pytest.raises(FileExistsNXError, match=r"detector stack .*300K/f1.h5 already exists"):
+        beamline.import_data(qm2, "s10", SAMPLE, LABEL, scans=["300K"])
+    assert not written[0].exists()
+    assert (stack.stat().st_mtime_ns, stack.read_bytes()) == before[stack]
+    again = beamline.import_data(qm2, "s10", SAMPLE, LABEL, overwrite=True)
+    assert again == written
+    with h5py.File(again[0], "r") as f:
+        np.testing.assert_array_equal(
+            f["f1/data/data"][()], tree.scan("300K")[0].simulator.frames()
+        )
+
+
+def test_import_tiff_without_raw_path(tmp_path, server_settings):
+    exp = Experiment.create(
+        tmp_path / "analysis", "run2", beamline="QM2", raw_home=tmp_path / "raw"
+    )
+    create_configuration(
+        exp.configuration_file("one"), detector=DETECTOR, positions=[Position(chi=-90.0)]
+    )
+    beamline = QM2Beamline()
+    raw = beamline.raw_directory(exp)
+    assert raw == tmp_path / "raw" / "run2"
+    tree = make_qm2_raw_tree(
+        raw,
+        sample=SAMPLE,
+        label=LABEL,
+        scans={"20K": 20.0, "30K": 30.0},
+        positions=[(-90.0, 0.0, 0.0)],
+        detector=gapped_detector(),
+        n_frames=4,
+        image_format="tif",
+        first_scan_number=41,
+    )
+    assert tree.spec_file == raw / SAMPLE / SAMPLE  # no raw_path: SPEC file beside the labels
+    assert beamline.spec_file(exp, SAMPLE) == tree.spec_file
+    written = beamline.import_data(exp, exp.configuration_file("one"), SAMPLE, LABEL, scans=["30K"])
+    assert [p.name for p in written] == ["TiSe2_30K.nxs"]
+    rot = tree.scan("30K")[0]
+    with h5py.File(written[0], "r") as f:
+        assert f["f1/scan_number"][()] == 42
+        np.testing.assert_array_equal(f["f1/data/data"][()], rot.simulator.frames())
+        assert f["entry/sample/temperature"][()] == pytest.approx(rot.temperature.mean())
+    paths = exp.scan_paths(SAMPLE, LABEL, "30K")
+    np.testing.assert_array_equal(beamline.read_monitor(paths, "f1", "flyc1"), rot.flyc1)
+    assert beamline.read_monitor(paths, "f1", "MCS1") is None
+    assert beamline.start_time(paths, "f1") == rot.date.isoformat()
+    assert beamline.read_sample(paths)["temperature"] == pytest.approx(rot.temperature.mean())
+    gon = beamline.read_goniometer(paths, "f1")
+    assert gon["chi"] == pytest.approx(-90.0) and gon["phi_step"] == pytest.approx(0.5)
+    assert set(beamline.read_logs(paths, "f1")) >= {"phi", "flyc1", "flyc2", "sampleT"}
+    assert beamline.read_logs(exp.scan_paths(SAMPLE, LABEL, "20K"), "f1") == {}
+
+
+def test_bad_spec_file_leaves_nothing(qm2, s10, tree):
+    text = tree.spec_file.read_text()
+    lines = text.splitlines()
+    bad = next(i for i, line in enumerate(lines) if line.startswith("#S 2"))
+    lines[bad + 9] = lines[bad + 9] + " 12"  # a data row of scan 2 gets an extra value
+    tree.spec_file.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SpecFileError) as info:
+        QM2Beamline().import_data(qm2, "s10", SAMPLE, LABEL)
+    message = str(info.value)
+    assert str(tree.spec_file) in message and f"line {bad + 10}:" in message
+    assert "7 values but '#L' names 6 columns" in message
+    assert analysis_files(qm2) == []
+
+
+def test_spec_scan_missing_for_images(qm2, s10, tree):
+    rot = tree.scan("300Kb")[1]
+    rot.image_dir.rename(rot.image_dir.with_name(f"{SAMPLE}_099"))
+    with pytest.raises(SpecFileError, match=r"has no scan 99 .*\(images in .*TiSe2_099\)"):
+        QM2Beamline().import_data(qm2, "s10", SAMPLE, LABEL)
+    assert analysis_files(qm2) == []  # every scan is checked before anything is written
+
+
+def test_missing_image_directory(qm2, s10, tree):
+    beamline = QM2Beamline()
+    for image in tree.scan("300K")[1].images:
+        image.unlink()
+    with pytest.raises(RawDataError, match=r"image directory .*TiSe2_002 holds no cbf/tif/tiff"):
+        beamline.import_data(qm2, "s10", SAMPLE, LABEL)
+    tree.scan("300K")[1].image_dir.rmdir()
+    with pytest.raises(RawDataError, match=r"300K has 1 rotations \(SPEC scans 1\) but config"):
+        beamline.import_data(qm2, "s10", SAMPLE, LABEL)
+    with pytest.raises(RawDataError, match=r"raw scan directory .*/4K does not exist"):
+        beamline.import_data(qm2, "s10", SAMPLE, LABEL, scans=["4K"])
+    with pytest.raises(RawDataError, match=r"raw directory .*raw6M/TiSe2/xtal9 .* does not exist"):
+        beamline.import_data(qm2, "s10", SAMPLE, "xtal9")
+    assert analysis_files(qm2) == []
+    assert isinstance(RawDataError("x"), ExperimentError)
+
+
+def test_frame_count_mismatch(qm2, s10, tree):
+    tree.scan("300K")[0].images[-1].unlink()
+    with pytest.raises(SpecFileError, match=r"records 6 phi points, but the image directory holds"):
+        QM2Beamline().import_data(qm2, "s10", SAMPLE, LABEL)
+    assert analysis_files(qm2) == []
+
+
+def test_unreadable_image_leaves_nothing(qm2, s10, tree):
+    bad = tree.scan("300K")[1].images[3]
+    bad.write_bytes(b"this is not a CBF file")
+    raw_before = snapshot(qm2.directory.parents[2] / "raw")
+    with pytest.raises(RawDataError, match=rf"cannot read image {bad}"):
+        QM2Beamline().import_data(qm2, "s10", SAMPLE, LABEL)
+    assert analysis_files(qm2) == []  # no scan file, stack or temporary file
+    assert snapshot(qm2.directory.parents[2] / "raw") == raw_before
+
+
+def test_wrong_configuration(qm2, tree):
+    create_configuration(
+        qm2.configuration_file("p100k"),
+        detector="Pilatus 100k",
+        positions=[Position(chi=-90.0), Position(chi=-90.0, omega=15.0)],
+    )
+    with pytest.raises(RawDataError, match=r"is 120x80 pixels but the configuration's detector"):
+        QM2Beamline().import_data(qm2, "p100k", SAMPLE, LABEL)
+    assert analysis_files(qm2) == []
+    with pytest.raises(TemplateError, match="does not exist"):
+        QM2Beamline().import_data(qm2, "nothing", SAMPLE, LABEL)
+
+
+def test_no_spec_file(qm2, s10, tree):
+    tree.spec_file.unlink()
+    with pytest.raises(RawDataError, match=r"no SPEC file for sample 'TiSe2': looked for"):
+        QM2Beamline().import_data(qm2, "s10", SAMPLE, LABEL)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_import_scans(qm2, s10, tree, capsys):
+    args = ["import-scans", "-x", str(qm2.directory), "--sample", SAMPLE, "--label", LABEL]
+    args += ["--configuration", "s10", "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out.split()
+    assert [Path(p).name for p in out] == ["TiSe2_300K.nxs", "TiSe2_300Kb.nxs"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nxrefine-bs: error: scan file ") and "already exists" in err
+    assert err.count("\n") == 1
+    assert main([*args, "--overwrite", "--scan", "300Kb"]) == 0
+    assert capsys.readouterr().out.strip().endswith("TiSe2_300Kb.nxs")
+    assert main(["import-scans", "--help"]) == 0
+    assert "--configuration" in capsys.readouterr().out
+
+
+def test_cli_import_needs_import_beamline(experiment, capsys):
+    args = ["import-scans", "-x", str(experiment.directory), "--sample", "s", "--label", "l"]
+    assert main([*args, "-c", "small"]) == 2
+    assert "beamline 'sim'" in capsys.readouterr().err
