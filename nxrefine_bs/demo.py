@@ -226,7 +226,10 @@ def run_demo(
                 frame_time=frame_time,
             )
         )
-        result.run_uids = list(uids if isinstance(uids, list) else getattr(uids, "plan_result", []))
+        # RE(...) returns the run uids (a tuple), or a RunEngineResult whose plan_result
+        # holds them when the RunEngine was made with call_returns_result=True.
+        uids = getattr(uids, "plan_result", uids)
+        result.run_uids = list(uids or [])
         if session.progress is not None:
             session.progress.close()
         if session.reduction is not None:

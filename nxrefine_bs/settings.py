@@ -629,6 +629,12 @@ def _has_section(path: Path, section: str) -> bool:
 # --------------------------------------------------------------------------- parameters
 
 
+def _open_scan_file(scan_file: Path) -> Any:
+    from .nexus.scanfile import open_scan_file  # scanfile imports this module
+
+    return open_scan_file(scan_file)
+
+
 def _parameter_spec(key: str) -> SettingSpec:
     if key in FILE_ONLY_PARAMETERS:
         return FILE_ONLY_PARAMETERS[key]
@@ -655,7 +661,7 @@ def read_parameters(scan_file: str | os.PathLike[str]) -> dict[str, Any]:
     scan_file = Path(scan_file)
     out: dict[str, Any] = {}
     try:
-        with h5py.File(scan_file, "r") as f:
+        with _open_scan_file(scan_file) as f:
             group = f.get("entry/nxreduce")
             if group is None:
                 return out
@@ -721,7 +727,7 @@ def _parent_scan_file(scan_file: Path) -> Path | None:
     import h5py
 
     try:
-        with h5py.File(scan_file, "r") as f:
+        with _open_scan_file(scan_file) as f:
             item = f.get("entry/nxscans/parent")
             if not isinstance(item, h5py.Dataset):
                 return None

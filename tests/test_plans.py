@@ -163,8 +163,9 @@ def test_rotation_scan_documents_start_and_frames(RE, exp, beamline, setup):
     nx = start["nxrefine"]
     assert set(nx) == {
         "experiment_dir", "beamline", "configuration", "temperature_units", "detector",
-        "monitors", "geometry", "translation", "n_frames",
+        "monitors", "geometry", "translation", "n_frames", "rotation_index", "rotations",
     }  # fmt: skip
+    assert (nx["rotation_index"], nx["rotations"]) == (1, 1)
     assert nx["experiment_dir"] == str(exp) and nx["beamline"] == "sim"
     assert nx["configuration"] is None and nx["temperature_units"] == "K"
     assert nx["detector"] == {

@@ -160,7 +160,7 @@ def recorded(RE, tmp_path):
         )
     )
     scan_file = writer.last_scan_file
-    live = tmp_path / "live.nxs"
+    live = scan_file.with_name("live_copy.h5")  # same directory: its links resolve
     shutil.copy(scan_file, live)
     yield exp, client, list(uids), scan_file, live
     close_catalog(client)

@@ -49,7 +49,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["NeXusScanWriter", "nexus_writer_factory", "scan_file_for_start"]
 
 
-
 def _uri_to_path(uri: str) -> Path:
     """Local path of a ``file://`` URI (or a plain path)."""
     parsed = urlparse(uri)
@@ -154,9 +153,22 @@ class _RunWriter(DocumentRouter):
         )
         if short in st.monitors:
             return "monitor", short
-        if short in ("phi", "goniometer-phi", "gonio-phi") or short.endswith("-phi"):
+        # ophyd-async names the readback "goniometer-phi", ophyd v1 "goniometer_phi"
+        if short == "phi" or short.endswith(("-phi", "_phi")):
             return "phi", "phi"
         return None
+
+    def _monitor_signal(self, mon: h5py.Group, name: str) -> None:
+        """Make the first monitor of ``nxrefine.monitors`` the NXmonitor's signal.
+
+        The choice must not depend on the order in which the monitors' resources or
+        readings arrive (an archived run replayed from Tiled may list them in another
+        order than the live run did).
+        """
+        preferred = self.state.monitors[0] if self.state.monitors else name
+        if "signal" not in mon.attrs or name == preferred:
+            mon.attrs["signal"] = name
+        mon.attrs["axes"] = "frame_number"
 
     # ------------------------------------------------------------------ documents
     def start(self, doc: dict[str, Any]) -> None:
@@ -257,9 +269,7 @@ class _RunWriter(DocumentRouter):
             elif role is not None and role[0] == "monitor":
                 mon = nx_group(fe, "monitor", "NXmonitor")
                 write_external_link(mon, role[1], path, dataset)
-                if "signal" not in mon.attrs:
-                    mon.attrs["signal"] = role[1]
-                    mon.attrs["axes"] = "frame_number"
+                self._monitor_signal(mon, role[1])
             elif role is not None and role[0] == "phi":
                 write_external_link(fe["data"], "phi", path, dataset)
             else:
@@ -303,8 +313,7 @@ class _RunWriter(DocumentRouter):
                     ds = _resizable(fe["data"], "phi", np.float64, units="degree")
                 else:
                     mon = nx_group(fe, "monitor", "NXmonitor")
-                    mon.attrs.setdefault("signal", name)
-                    mon.attrs["axes"] = "frame_number"
+                    self._monitor_signal(mon, name)
                     ds = _resizable(mon, name, np.float64)
                 _append(ds, values)
 

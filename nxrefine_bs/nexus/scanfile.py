@@ -142,18 +142,29 @@ def update_scan_file(path: str | os.PathLike[str], mode: str = "r+") -> Iterator
     """
     if mode not in ("r+", "a"):
         raise ScanFileError(f"update_scan_file opens for writing only ('r+' or 'a'), not {mode!r}")
-    with locked(path), _open_for_update(Path(path), mode) as f:
+    with locked(path), _open_retrying(Path(path), mode) as f:
         yield f
 
 
 _BUSY_MESSAGES = ("already open for read-only", "unable to lock file")
-"""HDF5 open errors meaning "a reader has the file open right now" (retried)."""
+"""HDF5 open errors meaning "another handle has the file open right now" (retried)."""
 
 
-def _open_for_update(
+def open_scan_file(path: str | os.PathLike[str], *, timeout: float = LOCK_TIMEOUT) -> h5py.File:
+    """Open a scan file read-only, waiting while a writer in another process holds it.
+
+    Writers keep a scan file open only for the few milliseconds of one update, but
+    HDF5 file locking makes a reader's open fail during that window ("unable to lock
+    file"); the open is retried for up to ``timeout`` seconds.  Use as a context
+    manager: ``with open_scan_file(path) as f: ...``.
+    """
+    return _open_retrying(Path(path), "r", timeout=timeout)
+
+
+def _open_retrying(
     path: Path, mode: str, *, timeout: float = LOCK_TIMEOUT, poll: float = 0.01
 ) -> h5py.File:
-    """Open ``path`` for writing, waiting while a reader holds it open.
+    """Open ``path``, waiting while another handle holds it open.
 
     Readers (reduction steps, the workflow queue) open scan files read-only without the
     lock, briefly.  HDF5 refuses a read-write open while the same process has the file

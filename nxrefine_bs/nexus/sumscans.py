@@ -47,7 +47,7 @@ from ..errors import FileExistsNXError, ScanFileError
 from ..experiment import ScanPaths, validate_name
 from .h5tools import nx_group, read_field, write_field
 from .provenance import record_process
-from .scanfile import check_data_link, locked, rotation_entries
+from .scanfile import check_data_link, locked, open_scan_file, rotation_entries
 from .template import DATA_PATH
 
 __all__ = ["sum_scans", "SLAB_BYTES", "ANGLE_TOLERANCE"]
@@ -127,7 +127,7 @@ def _same(key: str, a: float | None, b: float | None) -> bool:
 
 def _read_source(scan_file: Path, entry: str) -> _Source:
     data_file = check_data_link(scan_file, entry)
-    with h5py.File(scan_file, "r") as f:
+    with open_scan_file(scan_file) as f:
         fe = f[entry]
         link = fe["data"].get("data", getlink=True)
         dataset = link.path if isinstance(link, h5py.ExternalLink) else f"/{entry}/data/data"

@@ -78,7 +78,6 @@ RESERVED_MD_KEYS = frozenset(
 """Start-document keys the plans own; ``md`` may not set them."""
 
 
-
 @dataclass(frozen=True)
 class RotationSpec:
     """Everything about one rotation, validated.

@@ -25,7 +25,7 @@ from ..errors import FileExistsNXError, ReductionError
 from ..nexus.geometry_io import read_cell
 from ..nexus.h5tools import read_field
 from ..nexus.provenance import now_iso, process_done, record_process
-from ..nexus.scanfile import update_scan_file
+from ..nexus.scanfile import open_scan_file, update_scan_file
 from .transform import (
     CHUNK,
     _external_target,
@@ -86,7 +86,7 @@ def run(
     group = "masked_transform" if mask else "transform"
     start_time = now_iso()
     t0 = time.perf_counter()
-    with h5py.File(scan_file, "r") as f:
+    with open_scan_file(scan_file) as f:
         if entry not in f:
             raise ReductionError(f"{scan_file} has no entry {entry!r}")
         out = scan_directory(scan_file) / f"{group}.nxs"

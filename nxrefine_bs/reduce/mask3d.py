@@ -40,7 +40,7 @@ from tqdm import tqdm
 from ..errors import FileExistsNXError, PathSafetyError, ReductionError
 from ..nexus.h5tools import nx_group, read_field, write_external_link
 from ..nexus.provenance import now_iso, process_done, record_process
-from ..nexus.scanfile import update_scan_file
+from ..nexus.scanfile import open_scan_file, update_scan_file
 from .transform import _external_target, scan_directory
 
 logger = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def run(
         raise ReductionError(f"mask box sizes must be >= 1, got h1={h1}, h2={h2}")
     start_time = now_iso()
     t0 = time.perf_counter()
-    with h5py.File(scan_file, "r") as f:
+    with open_scan_file(scan_file) as f:
         if entry not in f:
             raise ReductionError(f"{scan_file} has no entry {entry!r}")
         fe = f[entry]

@@ -52,7 +52,7 @@ from ..geometry import Geometry
 from ..nexus.geometry_io import read_geometry
 from ..nexus.h5tools import nx_group, read_field, write_field
 from ..nexus.provenance import now_iso, process_done, read_process, record_process
-from ..nexus.scanfile import update_scan_file
+from ..nexus.scanfile import open_scan_file, update_scan_file
 from .framestream import (
     FrameStream,
     frame_range,
@@ -568,7 +568,7 @@ def run(
                 f"{scan_file}:/{entry}: no frames to process (stack has {nframes} frames, "
                 f"requested first={params['first_frame']}, last={params['last_frame']})"
             )
-        with h5py.File(scan_file, "r") as f:
+        with open_scan_file(scan_file) as f:
             masked = read_pixel_mask(f[entry], (ny, nx))
             monitor_values = read_monitor(
                 f[entry], str(params["monitor"]), float(params["norm"]), nframes
@@ -672,7 +672,7 @@ def run(
 
 def _open_scan(scan_file: Path) -> h5py.File:
     try:
-        return h5py.File(scan_file, "r")
+        return open_scan_file(scan_file)
     except FileNotFoundError as exc:
         raise ScanFileError(f"scan file {scan_file} does not exist") from exc
     except OSError as exc:

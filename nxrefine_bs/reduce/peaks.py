@@ -55,7 +55,7 @@ from ..geometry import Geometry
 from ..nexus.geometry_io import read_geometry
 from ..nexus.h5tools import write_field
 from ..nexus.provenance import now_iso, process_done, read_process, record_process
-from ..nexus.scanfile import update_scan_file
+from ..nexus.scanfile import open_scan_file, update_scan_file
 from .framestream import (
     FrameStream,
     frame_range,
@@ -481,7 +481,7 @@ def run(
     start_time = now_iso()
     scan_file = Path(scan_file)
     try:
-        f = h5py.File(scan_file, "r")
+        f = open_scan_file(scan_file)
     except OSError as exc:
         raise ScanFileError(f"cannot open scan file {scan_file}: {exc}") from exc
     with f:
@@ -526,7 +526,7 @@ def run(
                 f"{scan_file}:/{entry}: no frames to search (stack has {nframes} frames, "
                 f"requested first={params['first_frame']}, last={params['last_frame']})"
             )
-        with h5py.File(scan_file, "r") as f:
+        with open_scan_file(scan_file) as f:
             masked = read_pixel_mask(f[entry], (ny, nx))
         if masked.all():
             raise ReductionError(

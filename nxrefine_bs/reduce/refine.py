@@ -55,7 +55,7 @@ from ..geometry import Geometry, GeometryError, b_matrix, rotation_x, rotation_y
 from ..nexus.geometry_io import read_geometry, read_orientation, write_geometry, write_orientation
 from ..nexus.h5tools import nx_group, write_field
 from ..nexus.provenance import now_iso, process_done, record_process
-from ..nexus.scanfile import update_scan_file
+from ..nexus.scanfile import open_scan_file, update_scan_file
 from .lattice import Lattice, LatticeError, read_lattice, write_lattice
 from .orient import MIN_PEAKS, auto_index, orthogonalize, peak_vectors, rotation_angle
 
@@ -686,7 +686,7 @@ def _parent_values(scan_file: Path, entry: str) -> tuple[NDArray | None, Lattice
     if parent is None or Path(parent).resolve() == Path(scan_file).resolve():
         return None, None, ""
     try:
-        with h5py.File(parent, "r") as f:
+        with open_scan_file(parent) as f:
             u = read_orientation(f[entry]) if entry in f else None
             lat = None
             if "entry/sample" in f:
@@ -798,7 +798,7 @@ def run(
     if not path.is_file():
         raise ScanFileError(f"scan file {path} does not exist")
     parent_lattice: Lattice | None = None
-    with h5py.File(path, "r") as f:
+    with open_scan_file(path) as f:
         fe = f.get(entry)
         if not isinstance(fe, h5py.Group):
             raise ScanFileError(f"{path} has no entry {entry!r}")

@@ -55,7 +55,7 @@ from ..geometry import Geometry, reciprocal_parameters
 from ..nexus.geometry_io import read_cell, read_geometry, read_ub
 from ..nexus.h5tools import nx_group, read_field, write_external_link, write_field
 from ..nexus.provenance import now_iso, process_done, record_process
-from ..nexus.scanfile import update_scan_file
+from ..nexus.scanfile import open_scan_file, update_scan_file
 from .grid import QGrid, make_grid
 
 logger = logging.getLogger(__name__)
@@ -762,7 +762,7 @@ def run(
     process = "nxmasked_transform" if mask else "nxtransform"
     group_name = "masked_transform" if mask else "transform"
     start_time = now_iso()
-    with h5py.File(scan_file, "r") as f:
+    with open_scan_file(scan_file) as f:
         if entry not in f:
             raise ReductionError(f"{scan_file} has no entry {entry!r}")
         fe = f[entry]
@@ -806,7 +806,7 @@ def run(
             raise ReductionError(
                 f"{raw_file}:{raw_path} frames {raw.shape[1:]} != detector shape {geometry.shape}"
             )
-    with h5py.File(scan_file, "r") as f:
+    with open_scan_file(scan_file) as f:
         weights = frame_weights(f[entry], n_frames, norm=norm, first=first, last=last)
     lo = int(np.argmax(weights > 0)) if (weights > 0).any() else 0
     hi = int(len(weights) - np.argmax(weights[::-1] > 0)) if (weights > 0).any() else 0

@@ -23,6 +23,7 @@ import h5py
 
 from ..nexus.h5tools import read_field
 from ..nexus.provenance import process_done
+from ..nexus.scanfile import open_scan_file
 from ..reduce.steps import STEPS
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def scan_metadata(scan_file: str | os.PathLike[str], db: Any = None) -> dict[str
     meta: dict[str, Any] = {"sample": sample, "label": label, "scan": scan}
     from ..workflow.database import SCAN_ENTRY, Status, aggregate_status, rotation_entries
 
-    with h5py.File(path, "r") as f:
+    with open_scan_file(path) as f:
         entries = rotation_entries(f)
         sample_grp = f.get("entry/sample")
         if isinstance(sample_grp, h5py.Group):

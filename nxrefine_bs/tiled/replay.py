@@ -94,7 +94,10 @@ def replay_runs(
     for run in runs:
         uid = run.start["uid"]
         logger.info("replaying run %s", uid)
-        for name, doc in run.documents():
+        for name, archived in run.documents():
+            # Tiled hands out read-only Document objects; the callbacks (the writer's
+            # RunNormalizer) add keys such as ``filled``, so give them plain dicts.
+            doc = archived.to_dict() if hasattr(archived, "to_dict") else dict(archived)
             if name == "start" and experiment_dir is not None and "nxrefine" in doc:
                 doc = dict(doc)
                 doc["nxrefine"] = {

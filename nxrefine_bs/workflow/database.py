@@ -59,6 +59,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from ..errors import WorkflowError
 from ..nexus.provenance import process_done, read_process
+from ..nexus.scanfile import open_scan_file
+from ..nexus.scanfile import rotation_entries as _rotation_entries
 from ..reduce.steps import STEPS, Step
 
 logger = logging.getLogger(__name__)
@@ -160,17 +162,7 @@ def default_db_path(experiment_dir: str | os.PathLike[str]) -> Path:
 
 def rotation_entries(h5file: h5py.File) -> list[str]:
     """Rotation entries ``f1``, ``f2``... of an open scan file, in numeric order."""
-    try:  # the scan-file module owns this rule once it exists
-        from ..nexus.scanfile import rotation_entries as _rotation_entries
-    except ImportError:
-        _rotation_entries = None
-    if _rotation_entries is not None:
-        return list(_rotation_entries(h5file))
-    names = []
-    for key in h5file:
-        if len(key) > 1 and key[0] == "f" and key[1:].isdigit():
-            names.append(key)
-    return sorted(names, key=lambda k: int(k[1:]))
+    return list(_rotation_entries(h5file))
 
 
 def scan_targets(step: Step, entries: Sequence[str]) -> list[str]:
@@ -847,7 +839,7 @@ class WorkflowDB:
         path = Path(scan_file).absolute()
         records: dict[tuple[str, str], dict[str, Any] | None] = {}
         try:
-            with h5py.File(path, "r") as f:
+            with open_scan_file(path) as f:
                 entries = rotation_entries(f)
                 for step in STEPS.values():
                     for entry in scan_targets(step, entries):

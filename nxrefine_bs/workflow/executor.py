@@ -24,6 +24,7 @@ import h5py
 
 from ..errors import WorkflowError
 from ..nexus.provenance import process_done, read_process
+from ..nexus.scanfile import find_parent, open_scan_file
 from ..reduce.steps import STEPS, Step
 from .database import SCAN_ENTRY, Status, WorkflowDB, rotation_entries, scan_targets
 
@@ -123,25 +124,8 @@ def select_steps(
 def parent_scan_file(scan_file: str | os.PathLike[str]) -> Path | None:
     """The parent scan named by ``/entry/nxscans/parent`` (None if none or itself)."""
     scan_file = Path(scan_file).absolute()
-    parent: Path | None
-    try:
-        from ..nexus.scanfile import find_parent  # owned by the scan-file module
-    except ImportError:
-        find_parent = None
-    if find_parent is not None:
-        found = find_parent(scan_file)
-        parent = Path(found).absolute() if found else None
-    else:
-        try:
-            with h5py.File(scan_file, "r") as f:
-                item = f.get("entry/nxscans/parent")
-                value = item[()] if isinstance(item, h5py.Dataset) else None
-        except OSError as exc:
-            raise WorkflowError(f"cannot read scan file {scan_file}: {exc}") from exc
-        if isinstance(value, bytes):
-            value = value.decode()
-        text = str(value).strip() if value is not None else ""
-        parent = (scan_file.parent / text).absolute() if text else None
+    found = find_parent(scan_file)
+    parent = Path(found).absolute() if found else None
     if parent is None or parent.resolve() == scan_file.resolve():
         return None
     return parent
@@ -158,7 +142,7 @@ def _parent_blocker(scan_file: Path, entry: str) -> str | None:
     if not parent.exists():
         return f"parent scan {parent} does not exist; fix /entry/nxscans/parent or remove it"
     try:
-        with h5py.File(parent, "r") as f:
+        with open_scan_file(parent) as f:
             group = f.get(entry)
             done = isinstance(group, h5py.Group) and process_done(group, PARENT_PROCESS)
     except OSError as exc:
@@ -228,7 +212,7 @@ def _worker_name() -> str:
 def _read_done(scan_file: Path, pairs: Iterable[tuple[Step, str]]) -> dict[tuple[str, str], Any]:
     """``{(step, entry): record or None}`` from the scan file, opened read-only briefly."""
     out: dict[tuple[str, str], Any] = {}
-    with h5py.File(scan_file, "r") as f:
+    with open_scan_file(scan_file) as f:
         for step, entry in pairs:
             group = f.get(entry)
             if isinstance(group, h5py.Group) and process_done(group, step.process):
@@ -306,7 +290,7 @@ def run_scan_steps(
     if db is not None and not isinstance(db, WorkflowDB):
         db = WorkflowDB(db)
     try:
-        with h5py.File(scan_file, "r") as f:
+        with open_scan_file(scan_file) as f:
             all_entries = rotation_entries(f)
     except OSError as exc:
         raise WorkflowError(f"cannot open scan file {scan_file}: {exc}") from exc

@@ -23,6 +23,7 @@ import h5py
 
 from ..errors import WorkflowError
 from ..nexus.provenance import process_done
+from ..nexus.scanfile import open_scan_file
 from ..reduce.steps import STEPS, Step
 from .database import Status, TaskRecord, WorkflowDB, rotation_entries, scan_targets
 from .executor import (
@@ -156,7 +157,7 @@ class ReductionQueue:
         """Entries, step names and the (step, entry) tasks that need queuing."""
         chosen = select_steps(steps, self.registry)
         try:
-            with h5py.File(scan_file, "r") as f:
+            with open_scan_file(scan_file) as f:
                 all_entries = rotation_entries(f)
                 wanted = list(entries) if entries is not None else all_entries
                 missing = [e for e in wanted if e not in all_entries]
@@ -309,7 +310,7 @@ class ReductionQueue:
         for filename, (names, entries) in sorted(by_file.items()):
             path = self.db.absolute_path(filename)
             if not entries:
-                with h5py.File(path, "r") as f:
+                with open_scan_file(path) as f:
                     entries = set(rotation_entries(f))
             jobs += self.submit(
                 path,
