@@ -515,6 +515,12 @@ class NeXusScanWriter:
         self._entry: Callable[[str, dict[str, Any]], Any] | None = None
         self._writer: _RunWriter | None = None
         self.last_scan_file: Path | None = None
+        # Import now, at set-up: importing these on the first start document (~1-2 s)
+        # would block the RunEngine at the start of the first scan.
+        import pyFAI.detectors  # noqa: F401  (used by _pyfai_mask)
+
+        if normalize:
+            from bluesky_tiled_plugins.writing.tiled_writer import RunNormalizer  # noqa: F401
 
     def __call__(self, name: str, doc: dict[str, Any]) -> None:
         if name == "start":
