@@ -284,6 +284,7 @@ def test_writer_runs_out_of_process_over_0mq(experiment: Path) -> None:
     consumer = subprocess.Popen(
         [sys.executable, "-m", "nxrefine_bs.callbacks.remote", "--zmq", f"localhost:{port_out}"]
     )
+    publisher = None
     try:
         time.sleep(3.0)  # let both processes bind and subscribe
         publisher = Publisher(f"localhost:{port_in}")
@@ -313,6 +314,8 @@ def test_writer_runs_out_of_process_over_0mq(experiment: Path) -> None:
             assert f["f1/data/data"].shape == (NF, NY, NX)
             np.testing.assert_array_equal(f["f1/monitor/MCS2"][()], 2000.0 + np.arange(NF))
     finally:
+        if publisher is not None:
+            publisher.close()  # an unclosed 0MQ context blocks forever when collected
         for proc in (consumer, proxy):
             proc.terminate()
             proc.wait(timeout=10)
