@@ -643,41 +643,7 @@ def rotation_scan(
     MetadataError
         Before anything moves, for invalid arguments or an existing detector file.
     """
-    args = _plan_args(**{k: v for k, v in locals().items() if k not in ("devices", "md")})
-    spec = prepare_rotation(
-        devices,
-        experiment_dir=experiment_dir,
-        sample=sample,
-        label=label,
-        scan=scan,
-        entry=entry,
-        phi_start=phi_start,
-        phi_end=phi_end,
-        phi_step=phi_step,
-        chi=chi,
-        omega=omega,
-        theta=theta,
-        detector_translation=detector_translation,
-        temperature=temperature,
-        beamline=beamline,
-        configuration=configuration,
-    )
-    _check_mode(devices, "fly")
-    user_md = _check_md(md)
-    yield from _connect(devices)
-    dt = yield from _frame_time(devices, frame_time)
-    return (
-        yield from _one_rotation(
-            devices,
-            spec,
-            mode="fly",
-            plan_name="rotation_scan",
-            plan_args=args,
-            frame_time=dt,
-            baseline=baseline,
-            md=user_md,
-        )
-    )
+    return (yield from _single_rotation("fly", "rotation_scan", dict(locals())))
 
 
 def step_rotation_scan(
@@ -707,26 +673,18 @@ def step_rotation_scan(
     Works with the ophyd-async detector (frames as StreamResource/StreamDatum) and the
     ophyd v1 detector (Resource/Datum).  Parameters as for :func:`rotation_scan`.
     """
-    args = _plan_args(**{k: v for k, v in locals().items() if k not in ("devices", "md")})
-    spec = prepare_rotation(
-        devices,
-        experiment_dir=experiment_dir,
-        sample=sample,
-        label=label,
-        scan=scan,
-        entry=entry,
-        phi_start=phi_start,
-        phi_end=phi_end,
-        phi_step=phi_step,
-        chi=chi,
-        omega=omega,
-        theta=theta,
-        detector_translation=detector_translation,
-        temperature=temperature,
-        beamline=beamline,
-        configuration=configuration,
-    )
-    _check_mode(devices, "step")
+    return (yield from _single_rotation("step", "step_rotation_scan", dict(locals())))
+
+
+def _single_rotation(mode: str, plan_name: str, params: dict[str, Any]) -> MsgGenerator[str]:
+    """Validate one rotation's arguments (before anything moves), then run it."""
+    devices = params.pop("devices")
+    md = params.pop("md")
+    args = _plan_args(**params)
+    frame_time = params.pop("frame_time")
+    baseline = params.pop("baseline")
+    spec = prepare_rotation(devices, **params)
+    _check_mode(devices, mode)
     user_md = _check_md(md)
     yield from _connect(devices)
     dt = yield from _frame_time(devices, frame_time)
@@ -734,8 +692,8 @@ def step_rotation_scan(
         yield from _one_rotation(
             devices,
             spec,
-            mode="step",
-            plan_name="step_rotation_scan",
+            mode=mode,
+            plan_name=plan_name,
             plan_args=args,
             frame_time=dt,
             baseline=baseline,
