@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["poni_parameters", "integrator"]
+__all__ = ["poni_parameters", "integrator", "geometry_from_poni"]
 
 _LAB_TO_PYFAI = np.array([[0.0, 0.0, 1.0], [0.0, -1.0, 0.0], [1.0, 0.0, 0.0]])
 """Rows: pyFAI axes 1 (vertical = lab +Z), 2 (horizontal = lab -Y), 3 (beam = lab +X)."""
@@ -156,3 +156,54 @@ def two_theta_image(geometry: Geometry) -> NDArray[np.float64]:
     x = np.arange(nx, dtype=np.float64)
     y = np.arange(ny, dtype=np.float64)[:, None]
     return geometry.two_theta(x, y)
+
+
+def geometry_from_poni(
+    dist: float,
+    poni1: float,
+    poni2: float,
+    rot1: float,
+    rot2: float,
+    rot3: float,
+    *,
+    base: Geometry,
+) -> Geometry:
+    """The inverse of :func:`poni_parameters`: ``base`` with its detector geometry from a PONI.
+
+    ``distance``, ``beam_center_x``/``_y`` and ``yaw``/``pitch``/``roll`` are replaced so
+    that the pixel 2-theta map equals pyFAI's for the PONI (SI units and radians, as
+    pyFAI); ``base`` supplies the detector orientation, pixel size and everything else.
+
+    Raises
+    ------
+    GeometryError
+        If the PONI puts the detector behind the sample or parallel to the beam.
+    """
+    from pyFAI.geometry import Geometry as PyFAIGeometry
+
+    m = PyFAIGeometry(dist=dist, poni1=poni1, poni2=poni2, rot1=rot1, rot2=rot2, rot3=rot3)
+    m = np.asarray(m.rotation_matrix(), dtype=float)
+    p = _LAB_TO_PYFAI.copy()
+    c0 = base.Dinv @ base.O.T
+    if np.cross(p @ c0[:, 1], p @ c0[:, 0]) @ np.array([0.0, 0.0, 1.0]) < 0:
+        p[1] *= -1.0  # the same mirror as in poni_parameters
+    c = np.empty((3, 3))
+    c[:, 1] = p.T @ m[:, 0]  # detector y (rows) in the lab
+    c[:, 0] = p.T @ m[:, 1]  # detector x (columns) in the lab
+    c[:, 2] = np.linalg.det(base.O) * np.cross(c[:, 0], c[:, 1])
+    dinv = c @ base.O  # C = Dinv O^T and O is orthogonal
+    pitch = math.degrees(math.asin(float(np.clip(dinv[0, 2], -1.0, 1.0))))
+    yaw = math.degrees(math.atan2(-dinv[0, 1], dinv[0, 0]))
+    roll = math.degrees(math.atan2(-dinv[1, 2], dinv[2, 2]))
+    if m[2, 2] <= 1e-12:
+        raise GeometryError(f"PONI rot1={rot1}, rot2={rot2} puts the detector along the beam")
+    length = dist / m[2, 2]  # m, along the beam to the detector plane
+    pix = base.pixel_size * 1e-3
+    return base.replace(
+        distance=length * 1e3,
+        beam_center_y=(poni1 + length * m[2, 0]) / pix - 0.5,
+        beam_center_x=(poni2 + length * m[2, 1]) / pix - 0.5,
+        yaw=yaw,
+        pitch=pitch,
+        roll=roll,
+    )

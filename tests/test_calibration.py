@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 from pathlib import Path
 
 import h5py
@@ -80,23 +79,39 @@ def simulate(detector, truth, calibrant="CeO2", wavelength=0.5, seed=1):
 # ---------------------------------------------------------------------------------------
 # Geometry conversion
 # ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("orientation", ["-y +z -x", "-y -z +x"])
 @pytest.mark.parametrize("rots", [(0.0, 0.0), (0.03, -0.02), (-0.05, 0.04)])
-def test_conversion_matches_pyfai_fit2d(rots):
+def test_conversion_gives_the_same_two_theta_as_pyfai(rots, orientation):
+    """The nxrefine-bs Geometry made from a PONI sees every pixel at pyFAI's 2-theta."""
     from pyFAI.integrator.azimuthal import AzimuthalIntegrator
+
+    from nxrefine_bs.geometry import Geometry
 
     det = get_detector("Pilatus 1M")
     ai = AzimuthalIntegrator(
         dist=0.25, poni1=0.09, poni2=0.08, rot1=rots[0], rot2=rots[1], rot3=0.01, detector=det
     )
-    f2d = ai.getFit2D()
-    nx = poni_to_nxrefine(0.25, 0.09, 0.08, rots[0], rots[1], 0.01, det.pixel1, det.pixel2)
-    assert nx["distance"] == pytest.approx(f2d["directDist"], rel=1e-12)
-    assert nx["beam_center_x"] == pytest.approx(f2d["centerX"], abs=1e-9)
-    assert nx["beam_center_y"] == pytest.approx(f2d["centerY"], abs=1e-9)
-    assert nx["yaw"] == pytest.approx(math.degrees(rots[0]))
-    assert nx["roll"] == pytest.approx(math.degrees(0.01))
-    back = nxrefine_to_poni(**nx, pixel1=det.pixel1, pixel2=det.pixel2)
-    for key, value in {"dist": 0.25, "poni1": 0.09, "poni2": 0.08, "rot1": rots[0]}.items():
+    nx = poni_to_nxrefine(
+        0.25, 0.09, 0.08, rots[0], rots[1], 0.01, det.pixel1, det.pixel2, orientation
+    )
+    geom = Geometry(
+        shape=det.max_shape,
+        pixel_size=det.pixel2 * 1e3,
+        detector_orientation=orientation,
+        **nx,
+    )
+    ny, nx_ = det.max_shape
+    yy, xx = np.mgrid[0:ny:37, 0:nx_:41]
+    expected = np.degrees(ai.twoThetaArray()[yy, xx])
+    np.testing.assert_allclose(geom.two_theta(xx, yy), expected, atol=1e-5)  # pyFAI: float32
+    # On an untilted detector the direct beam sits half a pixel from Fit2D's centre,
+    # which counts pixel i from its corner rather than its centre.
+    if rots == (0.0, 0.0):
+        assert nx["beam_center_x"] == pytest.approx(ai.getFit2D()["centerX"] - 0.5, abs=1e-9)
+    back = nxrefine_to_poni(
+        **nx, pixel1=det.pixel1, pixel2=det.pixel2, detector_orientation=orientation
+    )
+    for key, value in {"dist": 0.25, "poni1": 0.09, "poni2": 0.08}.items():
         assert back[key] == pytest.approx(value, abs=1e-12)
 
 
@@ -178,6 +193,31 @@ def test_refine_wavelength():
     )  # fmt: skip
     assert result.wavelength_angstrom == pytest.approx(0.5, abs=5e-4)
     assert abs(result.distance - 250.0) < 1.0
+
+
+def test_calibrated_template_gives_the_reduction_the_true_two_theta(tmp_path):
+    """Calibrate, write into a template, read it back as a Geometry: pyFAI's 2-theta."""
+    from pyFAI.integrator.azimuthal import AzimuthalIntegrator
+
+    from nxrefine_bs.nexus.geometry_io import read_geometry
+
+    det = get_detector("Pilatus 1M")
+    truth = _truth(220.0, 470.3, 530.8, 1.2, -0.7)
+    image = simulate("Pilatus 1M", truth)
+    result = calibrate_powder(
+        image, det, "CeO2", wavelength=0.5, distance=222.0, beam_center_x=466.0,
+        beam_center_y=534.0, yaw=0.5, pitch=0.0,
+    )  # fmt: skip
+    template = make_template(tmp_path / "config.nxs")
+    write_calibration(template, result, image, "CeO2")
+    with h5py.File(template, "r") as f:
+        geom = read_geometry(f["f1"]).replace(shape=det.shape)
+    poni = nxrefine_to_poni(**truth, pixel1=det.pixel1, pixel2=det.pixel2)
+    true_ai = AzimuthalIntegrator(detector=det, wavelength=0.5e-10, **poni)
+    ny, nx = det.shape
+    yy, xx = np.mgrid[0:ny:29, 0:nx:31]
+    expected = np.degrees(true_ai.twoThetaArray()[yy, xx])
+    np.testing.assert_allclose(geom.two_theta(xx, yy), expected, atol=2e-3)
 
 
 # ---------------------------------------------------------------------------------------

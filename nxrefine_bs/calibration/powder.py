@@ -2,21 +2,17 @@
 
 The detector geometry of nxrefine-bs is described, like NXRefine's, by a direct-beam
 distance (mm), a beam centre (pixels) and three tilt angles ``yaw``, ``pitch`` and
-``roll`` (degrees).  pyFAI describes the same detector by a PONI geometry: a distance
-``dist`` from the sample to the detector plane along its normal, the point of normal
-incidence ``(poni1, poni2)`` (metres from the detector origin) and rotations ``rot1``,
-``rot2``, ``rot3`` (radians).  The two are related as follows (this is exactly pyFAI's
-Fit2D conversion, :func:`pyFAI.geometry.fit2d.convert_to_Fit2d`, written in closed form;
-see :func:`poni_to_nxrefine` and :func:`nxrefine_to_poni`):
-
-* ``yaw = degrees(rot1)``, ``pitch = degrees(rot2)``, ``roll = degrees(rot3)``;
-* ``distance = 1000 * dist / (cos(rot1) * cos(rot2))`` -- Fit2D's ``directDist``, the
-  sample-to-detector distance along the incident beam, in mm;
-* ``beam_center_x = (poni2 - dist * tan(rot1)) / pixel2`` and
-  ``beam_center_y = (poni1 + dist * tan(rot2) / cos(rot1)) / pixel1`` -- Fit2D's
-  ``centerX``/``centerY``: where the direct beam meets the detector, in pixel units
-  measured from the outer corner of the first pixel (pixel *i* spans ``[i, i + 1)``,
-  so the centre of pixel *i* is at ``i + 0.5``).
+``roll`` (degrees), interpreted by :class:`nxrefine_bs.geometry.Geometry` together with
+the configuration's detector orientation.  pyFAI describes the same detector by a PONI
+geometry: a distance ``dist`` from the sample to the detector plane along its normal,
+the point of normal incidence ``(poni1, poni2)`` (metres from the detector origin) and
+rotations ``rot1``, ``rot2``, ``rot3`` (radians).  :func:`poni_to_nxrefine` and
+:func:`nxrefine_to_poni` convert between the two exactly (via
+:mod:`nxrefine_bs.pyfai_geometry`): the ``Geometry`` made from a calibration gives every
+pixel the 2-theta pyFAI gives it, so the reduction steps (which use ``Geometry``) see the
+calibrated detector.  Beam centres count pixel ``i`` from its centre (Fit2D's
+``centerX`` counts from its corner, half a pixel more), and the tilts follow
+``Geometry``'s ``Dinv = Rx(roll) Ry(pitch) Rz(yaw)``, not pyFAI's rotation order.
 
 ``rot3`` (``roll``) is a rotation about the incident beam: it leaves every pixel's
 scattering angle 2-theta unchanged, so powder rings cannot determine it.
@@ -150,6 +146,21 @@ def get_calibrant(calibrant: str | Calibrant, wavelength: float | None = None) -
 # --------------------------------------------------------------------------------------
 # PONI <-> NXRefine conversion
 # --------------------------------------------------------------------------------------
+DEFAULT_ORIENTATION = "-y +z -x"
+"""NXRefine's default detector orientation."""
+
+
+def _base_geometry(pixel1: float, pixel2: float, detector_orientation: str) -> Any:
+    from ..geometry import Geometry
+
+    if not math.isclose(pixel1, pixel2, rel_tol=1e-6):
+        raise CalibrationError(
+            f"pixels of {pixel1 * 1e6:g} x {pixel2 * 1e6:g} um are not square; nxrefine-bs "
+            "geometry needs square pixels"
+        )
+    return Geometry(pixel_size=pixel2 * 1e3, detector_orientation=detector_orientation)
+
+
 def poni_to_nxrefine(
     dist: float,
     poni1: float,
@@ -159,8 +170,13 @@ def poni_to_nxrefine(
     rot3: float,
     pixel1: float,
     pixel2: float,
+    detector_orientation: str = DEFAULT_ORIENTATION,
 ) -> dict[str, float]:
-    """Convert a pyFAI PONI geometry to NXRefine's detector parameters.
+    """Convert a pyFAI PONI geometry to nxrefine-bs detector parameters.
+
+    The conversion is exact: the :class:`~nxrefine_bs.geometry.Geometry` built from the
+    result gives every pixel the same 2-theta as pyFAI does for the PONI (see
+    :func:`nxrefine_bs.pyfai_geometry.geometry_from_poni`).
 
     Parameters
     ----------
@@ -169,23 +185,26 @@ def poni_to_nxrefine(
     rot1, rot2, rot3 : float
         pyFAI rotations in radians.
     pixel1, pixel2 : float
-        Pixel size along the slow (y) and fast (x) axes in metres.
+        Pixel size along the slow (y) and fast (x) axes in metres (must be equal).
+    detector_orientation : str
+        The detector orientation of the configuration (default ``"-y +z -x"``).
 
     Returns
     -------
     dict
-        ``distance`` (mm, Fit2D ``directDist``), ``beam_center_x``, ``beam_center_y``
-        (pixels, Fit2D ``centerX``/``centerY``) and ``yaw``, ``pitch``, ``roll``
-        (degrees, = ``rot1``, ``rot2``, ``rot3``).  See the module docstring.
+        ``distance`` (mm, along the beam to the detector plane), ``beam_center_x``,
+        ``beam_center_y`` (pixels; the centre of pixel ``i`` is ``i``) and ``yaw``,
+        ``pitch``, ``roll`` (degrees, :class:`~nxrefine_bs.geometry.Geometry` tilts).
     """
-    c1, c2 = math.cos(rot1), math.cos(rot2)
+    from ..pyfai_geometry import geometry_from_poni
+
+    g = geometry_from_poni(
+        dist, poni1, poni2, rot1, rot2, rot3,
+        base=_base_geometry(pixel1, pixel2, detector_orientation),
+    )  # fmt: skip
     return {
-        "distance": 1e3 * dist / (c1 * c2),
-        "beam_center_x": (poni2 - dist * math.tan(rot1)) / pixel2,
-        "beam_center_y": (poni1 + dist * math.tan(rot2) / c1) / pixel1,
-        "yaw": math.degrees(rot1),
-        "pitch": math.degrees(rot2),
-        "roll": math.degrees(rot3),
+        key: float(getattr(g, key))
+        for key in ("distance", "beam_center_x", "beam_center_y", "yaw", "pitch", "roll")
     }
 
 
@@ -198,8 +217,9 @@ def nxrefine_to_poni(
     roll: float,
     pixel1: float,
     pixel2: float,
+    detector_orientation: str = DEFAULT_ORIENTATION,
 ) -> dict[str, float]:
-    """Convert NXRefine's detector parameters to a pyFAI PONI geometry.
+    """Convert nxrefine-bs detector parameters to a pyFAI PONI geometry.
 
     The exact inverse of :func:`poni_to_nxrefine`.
 
@@ -208,27 +228,31 @@ def nxrefine_to_poni(
     distance : float
         Sample-to-detector distance along the incident beam (mm).
     beam_center_x, beam_center_y : float
-        Direct-beam position on the detector in pixels (pixel *i* spans ``[i, i + 1)``).
+        Direct-beam position on the detector in pixels (the centre of pixel ``i`` is ``i``).
     yaw, pitch, roll : float
-        Detector tilts in degrees (= pyFAI ``rot1``, ``rot2``, ``rot3``).
+        Detector tilts in degrees (:class:`~nxrefine_bs.geometry.Geometry` convention).
     pixel1, pixel2 : float
-        Pixel size along the slow (y) and fast (x) axes in metres.
+        Pixel size along the slow (y) and fast (x) axes in metres (must be equal).
+    detector_orientation : str
+        The detector orientation of the configuration.
 
     Returns
     -------
     dict
         ``dist``, ``poni1``, ``poni2`` (m) and ``rot1``, ``rot2``, ``rot3`` (rad).
     """
-    rot1, rot2, rot3 = math.radians(yaw), math.radians(pitch), math.radians(roll)
-    dist = 1e-3 * distance * math.cos(rot1) * math.cos(rot2)
-    return {
-        "dist": dist,
-        "poni1": beam_center_y * pixel1 - dist * math.tan(rot2) / math.cos(rot1),
-        "poni2": beam_center_x * pixel2 + dist * math.tan(rot1),
-        "rot1": rot1,
-        "rot2": rot2,
-        "rot3": rot3,
-    }
+    from ..pyfai_geometry import poni_parameters
+
+    g = _base_geometry(pixel1, pixel2, detector_orientation).replace(
+        distance=distance,
+        beam_center_x=beam_center_x,
+        beam_center_y=beam_center_y,
+        yaw=yaw,
+        pitch=pitch,
+        roll=roll,
+    )
+    par = poni_parameters(g)
+    return {key: float(par[key]) for key in ("dist", "poni1", "poni2", "rot1", "rot2", "rot3")}
 
 
 # --------------------------------------------------------------------------------------
@@ -287,43 +311,44 @@ class CalibrationResult:
     rings: tuple[int, ...] = ()
     control_points: NDArray[np.float64] | None = field(default=None, repr=False, compare=False)
     pyfai_detector: Any = field(default=None, repr=False, compare=False)
+    detector_orientation: str = DEFAULT_ORIENTATION
 
     # ---- NXRefine view ---------------------------------------------------------------
     def _nx(self) -> dict[str, float]:
         return poni_to_nxrefine(
             self.dist, self.poni1, self.poni2, self.rot1, self.rot2, self.rot3,
-            self.pixel1, self.pixel2,
+            self.pixel1, self.pixel2, self.detector_orientation,
         )  # fmt: skip
 
     @property
     def distance(self) -> float:
-        """Sample-to-detector distance along the beam, mm (Fit2D ``directDist``)."""
+        """Sample-to-detector distance along the beam, mm."""
         return self._nx()["distance"]
 
     @property
     def beam_center_x(self) -> float:
-        """Direct-beam x position, pixels (Fit2D ``centerX``)."""
+        """Direct-beam x position, pixels (centre of pixel ``i`` at ``i``)."""
         return self._nx()["beam_center_x"]
 
     @property
     def beam_center_y(self) -> float:
-        """Direct-beam y position, pixels (Fit2D ``centerY``)."""
+        """Direct-beam y position, pixels (centre of pixel ``i`` at ``i``)."""
         return self._nx()["beam_center_y"]
 
     @property
     def yaw(self) -> float:
-        """Detector yaw, degrees (= ``rot1``)."""
-        return math.degrees(self.rot1)
+        """Detector yaw, degrees (``Geometry`` convention)."""
+        return self._nx()["yaw"]
 
     @property
     def pitch(self) -> float:
-        """Detector pitch, degrees (= ``rot2``)."""
-        return math.degrees(self.rot2)
+        """Detector pitch, degrees (``Geometry`` convention)."""
+        return self._nx()["pitch"]
 
     @property
     def roll(self) -> float:
-        """Detector roll, degrees (= ``rot3``)."""
-        return math.degrees(self.rot3)
+        """Detector roll, degrees (``Geometry`` convention)."""
+        return self._nx()["roll"]
 
     @property
     def wavelength_angstrom(self) -> float:
@@ -408,8 +433,10 @@ def _result_from_geometry(
     rings: Sequence[int] = (),
     points: NDArray[np.float64] | None = None,
     rms: float = float("nan"),
+    detector_orientation: str = DEFAULT_ORIENTATION,
 ) -> CalibrationResult:
     return CalibrationResult(
+        detector_orientation=detector_orientation,
         detector=str(detector.name),
         pixel1=float(detector.pixel1),
         pixel2=float(detector.pixel2),
@@ -760,6 +787,7 @@ def calibrate_powder(
     snr: float = 5.0,
     min_rings: int = 2,
     max_iterations: int = 12,
+    detector_orientation: str = DEFAULT_ORIENTATION,
 ) -> CalibrationResult:
     """Calibrate the detector geometry from a powder image, without user interaction.
 
@@ -797,6 +825,9 @@ def calibrate_powder(
         Fewest rings with points needed for a refinement (at least 2).
     max_iterations : int
         Maximum number of pick-and-refine cycles.
+    detector_orientation : str
+        Detector orientation of the configuration, for the nominal and refined
+        ``distance``/beam centre/tilts (default ``"-y +z -x"``).
 
     Returns
     -------
@@ -818,7 +849,15 @@ def calibrate_powder(
         raise CalibrationError(f"powder image {source} has no valid (unmasked) pixel")
     min_rings = max(2, int(min_rings))
     start = nxrefine_to_poni(
-        distance, beam_center_x, beam_center_y, yaw, pitch, roll, det.pixel1, det.pixel2
+        distance,
+        beam_center_x,
+        beam_center_y,
+        yaw,
+        pitch,
+        roll,
+        det.pixel1,
+        det.pixel2,
+        detector_orientation,
     )
     pixel = math.sqrt(det.pixel1 * det.pixel2)
     rings_all = _ring_list(cal)
@@ -903,7 +942,13 @@ def calibrate_powder(
     if not fix_wavelength:
         points, rms = _refine_with_rejection(refiner, points, ["rot3"])
     result = _result_from_geometry(
-        refiner, det, calibrant=cal_name, rings=sorted(set(used)), points=points, rms=rms
+        refiner,
+        det,
+        calibrant=cal_name,
+        rings=sorted(set(used)),
+        points=points,
+        rms=rms,
+        detector_orientation=detector_orientation,
     )
     logger.info("powder calibration: %s", result.summary())
     return result

@@ -68,6 +68,7 @@ def _nominal_from_file(target: str, entries: list[str] | None) -> dict[str, Any]
             "yaw": read_field(inst, "detector/yaw", 0.0),
             "pitch": read_field(inst, "detector/pitch", 0.0),
             "roll": read_field(inst, "detector/roll", 0.0),
+            "detector_orientation": read_field(inst, "detector/detector_orientation", "-y +z -x"),
         }
     return out
 
@@ -89,7 +90,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     nominal = _nominal_from_file(args.target, entries)
     start = None
     if args.poni_in:
-        start = read_poni(args.poni_in)
+        from dataclasses import replace as _replace
+
+        orientation = str(nominal.get("detector_orientation") or "-y +z -x")
+        start = _replace(read_poni(args.poni_in), detector_orientation=orientation)
         nominal.update(
             detector=start.pyfai_detector_instance(),
             distance=start.distance,
@@ -143,6 +147,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             fix_wavelength=not args.refine_wavelength,
             max_rings=args.max_rings,
             search_size=args.search_size,
+            detector_orientation=str(nominal.get("detector_orientation") or "-y +z -x"),
         )
     print(result.summary())
     written = write_calibration(args.target, result, image, args.calibrant, entries)
