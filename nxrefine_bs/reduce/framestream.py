@@ -27,8 +27,12 @@ import h5py
 import numpy as np
 from numpy.typing import NDArray
 
-from ..errors import DataLinkError, ScanFileError
+from ..errors import DataLinkError, ReductionError, ScanFileError
+from ..geometry import Geometry
+from ..nexus.geometry_io import read_geometry
 from ..nexus.h5tools import read_field
+from ..nexus.provenance import process_done, read_process
+from ..nexus.scanfile import open_scan_file, rotation_entries
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +47,8 @@ __all__ = [
     "step_parameters",
     "replace_group",
     "rotation_entries",
+    "open_entry",
+    "frame_window",
 ]
 
 DEFAULT_MAX_BLOCK_BYTES = 64 * 1024 * 1024
@@ -331,35 +337,87 @@ def read_pixel_mask(entry: h5py.Group, shape: tuple[int, int]) -> NDArray[np.boo
 
 # --------------------------------------------------------------------------- shared step helpers
 
-_DEFAULTS: dict[str, Any] = {
-    "threshold": 50000.0,
-    "min_pixels": 10,
-    "first_frame": 10,
-    "last_frame": 3640,
-    "polarization": 0.99,
-    "monitor": "MCS1",
-    "norm": 50000.0,
-    "qmin": None,
-    "qmax": None,
-}
-"""Fallback defaults (those of ``settings.ini [nxreduce]``) if the settings module is absent."""
-
 
 def step_parameters(
     keys: tuple[str, ...], explicit: dict[str, Any], scan_file: str | os.PathLike[str]
 ) -> dict[str, Any]:
     """Resolve reduction parameters: explicit value, then the settings layers, then defaults.
 
-    Uses :func:`nxrefine_bs.settings.resolve_parameters` when it is importable; otherwise
-    the explicit values and the built-in ``[nxreduce]`` defaults.
+    See :func:`nxrefine_bs.settings.resolve_parameters`.
+    """
+    from ..settings import resolve_parameters
+
+    return resolve_parameters(keys, explicit=explicit, scan_file=scan_file)
+
+
+def open_entry(
+    scan_file: Path, entry: str, process: str, *, overwrite: bool
+) -> tuple[Geometry | None, dict[str, Any] | None]:
+    """Start a step on ``scan_file:/entry``: its geometry, or the summary of a done step.
+
+    Returns ``(geometry, None)`` when the step must run, or ``(None, summary)`` when the
+    NXprocess ``process`` exists and ``overwrite`` is False (the step is skipped).
+
+    Raises
+    ------
+    ScanFileError
+        If the scan file cannot be opened or has no such entry.
     """
     try:
-        from ..settings import resolve_parameters
-    except ImportError:  # pragma: no cover - settings module not installed
-        resolve_parameters = None
-    if resolve_parameters is not None:
-        return resolve_parameters(keys, explicit=explicit, scan_file=scan_file)
-    return {k: explicit[k] if explicit.get(k) is not None else _DEFAULTS.get(k) for k in keys}
+        f = open_scan_file(scan_file)
+    except FileNotFoundError as exc:
+        raise ScanFileError(f"scan file {scan_file} does not exist") from exc
+    except OSError as exc:
+        raise ScanFileError(f"cannot open scan file {scan_file}: {exc}") from exc
+    with f:
+        group = f.get(entry)
+        if not isinstance(group, h5py.Group):
+            raise ScanFileError(
+                f"{scan_file} has no entry {entry!r}; entries: {', '.join(rotation_entries(f))}"
+            )
+        if not overwrite and process_done(group, process):
+            record = read_process(group, process) or {}
+            logger.info("%s:%s: %s already done; skipping", scan_file, entry, process)
+            return None, {"entry": entry, "skipped": True, **record.get("summary", {})}
+        return read_geometry(group), None
+
+
+def frame_window(
+    stream: FrameStream,
+    geometry: Geometry,
+    first: int | None,
+    last: int | None,
+    scan_file: Path,
+    entry: str,
+) -> tuple[int, int, NDArray[np.bool_]]:
+    """Check the stack against the detector; return the frame range and the pixel mask.
+
+    Raises
+    ------
+    ScanFileError
+        If the frames do not have the detector's shape.
+    ReductionError
+        If ``[first, last)`` holds no frame or the pixel mask masks every pixel.
+    """
+    nframes, ny, nx = stream.shape
+    if (ny, nx) != tuple(geometry.shape):
+        raise ScanFileError(
+            f"{scan_file}:/{entry}: frames are {ny}x{nx} but the detector shape is "
+            f"{geometry.shape[0]}x{geometry.shape[1]}"
+        )
+    lo, hi = frame_range(first, last, nframes)
+    if hi <= lo:
+        raise ReductionError(
+            f"{scan_file}:/{entry}: no frames to process (stack has {nframes} frames, "
+            f"requested first={first}, last={last})"
+        )
+    with open_scan_file(scan_file) as f:
+        masked = read_pixel_mask(f[entry], (ny, nx))
+    if masked.all():
+        raise ReductionError(
+            f"{scan_file}:/{entry}/instrument/detector/pixel_mask masks every pixel"
+        )
+    return lo, hi, masked
 
 
 def replace_group(parent: h5py.Group, name: str, build: Callable[[h5py.Group], None]) -> None:
@@ -376,9 +434,3 @@ def replace_group(parent: h5py.Group, name: str, build: Callable[[h5py.Group], N
     if name in parent:
         del parent[name]
     parent.move(tmp, name)
-
-
-def rotation_entries(f: h5py.File) -> list[str]:
-    """Names of the rotation entries ``f1, f2, ...`` of a scan file, in numeric order."""
-    names = [k for k in f if k[:1] == "f" and k[1:].isdigit() and isinstance(f[k], h5py.Group)]
-    return sorted(names, key=lambda k: int(k[1:]))

@@ -47,17 +47,16 @@ import numpy as np
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from ..errors import ReductionError, ScanFileError
+from ..errors import ReductionError
 from ..geometry import Geometry
-from ..nexus.geometry_io import read_geometry
 from ..nexus.h5tools import nx_group, read_field, write_field
-from ..nexus.provenance import now_iso, process_done, read_process, record_process
+from ..nexus.provenance import now_iso, record_process
 from ..nexus.scanfile import open_scan_file, update_scan_file
 from .framestream import (
     FrameStream,
-    frame_range,
+    frame_window,
+    open_entry,
     open_frames,
-    read_pixel_mask,
     replace_group,
     rotation_entries,
     step_parameters,
@@ -529,13 +528,10 @@ def run(
     t0 = time.perf_counter()
     start_time = now_iso()
     scan_file = Path(scan_file)
-    with _open_scan(scan_file) as f:
-        group = _entry_group(f, scan_file, entry)
-        if not overwrite and process_done(group, PROCESS):
-            record = read_process(group, PROCESS) or {}
-            logger.info("%s:%s: nxmax already done; skipping", scan_file, entry)
-            return {"entry": entry, "skipped": True, **record.get("summary", {})}
-        geometry = read_geometry(group)
+    geometry, skipped = open_entry(scan_file, entry, PROCESS, overwrite=overwrite)
+    if skipped is not None:
+        return skipped
+    with open_scan_file(scan_file) as f:
         first_rotation = rotation_entries(f)[0]
         ref_median = None
         if entry != first_rotation:
@@ -557,25 +553,12 @@ def run(
     )
     with open_frames(scan_file, entry, swmr=swmr) as stream:
         nframes, ny, nx = stream.shape
-        if (ny, nx) != tuple(geometry.shape):
-            raise ScanFileError(
-                f"{scan_file}:/{entry}: frames are {ny}x{nx} but the detector shape is "
-                f"{geometry.shape[0]}x{geometry.shape[1]}"
-            )
-        lo, hi = frame_range(params["first_frame"], params["last_frame"], nframes)
-        if hi <= lo:
-            raise ReductionError(
-                f"{scan_file}:/{entry}: no frames to process (stack has {nframes} frames, "
-                f"requested first={params['first_frame']}, last={params['last_frame']})"
-            )
+        lo, hi, masked = frame_window(
+            stream, geometry, params["first_frame"], params["last_frame"], scan_file, entry
+        )
         with open_scan_file(scan_file) as f:
-            masked = read_pixel_mask(f[entry], (ny, nx))
             monitor_values = read_monitor(
                 f[entry], str(params["monitor"]), float(params["norm"]), nframes
-            )
-        if masked.all():
-            raise ReductionError(
-                f"{scan_file}:/{entry}/instrument/detector/pixel_mask masks every pixel"
             )
         q = pixel_q(geometry)
         auto = default_q_range(geometry)
@@ -668,21 +651,3 @@ def run(
         "%s:%s: nxmax frames %d-%d, maximum %g (%.2f s)", scan_file, entry, lo, hi, maximum, elapsed
     )
     return {"entry": entry, "skipped": False, **summary, "elapsed_s": elapsed}
-
-
-def _open_scan(scan_file: Path) -> h5py.File:
-    try:
-        return open_scan_file(scan_file)
-    except FileNotFoundError as exc:
-        raise ScanFileError(f"scan file {scan_file} does not exist") from exc
-    except OSError as exc:
-        raise ScanFileError(f"cannot open scan file {scan_file}: {exc}") from exc
-
-
-def _entry_group(f: h5py.File, scan_file: Path, entry: str) -> h5py.Group:
-    group = f.get(entry)
-    if not isinstance(group, h5py.Group):
-        raise ScanFileError(
-            f"{scan_file} has no entry {entry!r}; entries: {', '.join(rotation_entries(f))}"
-        )
-    return group

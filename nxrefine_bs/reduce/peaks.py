@@ -50,19 +50,17 @@ import numpy as np
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from ..errors import ReductionError, ScanFileError
+from ..errors import ReductionError
 from ..geometry import Geometry
-from ..nexus.geometry_io import read_geometry
 from ..nexus.h5tools import write_field
-from ..nexus.provenance import now_iso, process_done, read_process, record_process
-from ..nexus.scanfile import open_scan_file, update_scan_file
+from ..nexus.provenance import now_iso, record_process
+from ..nexus.scanfile import update_scan_file
 from .framestream import (
     FrameStream,
-    frame_range,
+    frame_window,
+    open_entry,
     open_frames,
-    read_pixel_mask,
     replace_group,
-    rotation_entries,
     step_parameters,
 )
 
@@ -480,21 +478,9 @@ def run(
     t0 = time.perf_counter()
     start_time = now_iso()
     scan_file = Path(scan_file)
-    try:
-        f = open_scan_file(scan_file)
-    except OSError as exc:
-        raise ScanFileError(f"cannot open scan file {scan_file}: {exc}") from exc
-    with f:
-        group = f.get(entry)
-        if not isinstance(group, h5py.Group):
-            raise ScanFileError(
-                f"{scan_file} has no entry {entry!r}; entries: {', '.join(rotation_entries(f))}"
-            )
-        if not overwrite and process_done(group, PROCESS):
-            record = read_process(group, PROCESS) or {}
-            logger.info("%s:%s: nxfind already done; skipping", scan_file, entry)
-            return {"entry": entry, "skipped": True, **record.get("summary", {})}
-        geometry = read_geometry(group)
+    geometry, skipped = open_entry(scan_file, entry, PROCESS, overwrite=overwrite)
+    if skipped is not None:
+        return skipped
     params = step_parameters(
         ("threshold", "first_frame", "last_frame", "min_pixels"),
         {
@@ -514,24 +500,9 @@ def run(
     thr = float(thr)
     npix_min = max(1, int(params["min_pixels"]))
     with open_frames(scan_file, entry, swmr=swmr) as stream:
-        nframes, ny, nx = stream.shape
-        if (ny, nx) != tuple(geometry.shape):
-            raise ScanFileError(
-                f"{scan_file}:/{entry}: frames are {ny}x{nx} but the detector shape is "
-                f"{geometry.shape[0]}x{geometry.shape[1]}"
-            )
-        lo, hi = frame_range(params["first_frame"], params["last_frame"], nframes)
-        if hi <= lo:
-            raise ReductionError(
-                f"{scan_file}:/{entry}: no frames to search (stack has {nframes} frames, "
-                f"requested first={params['first_frame']}, last={params['last_frame']})"
-            )
-        with open_scan_file(scan_file) as f:
-            masked = read_pixel_mask(f[entry], (ny, nx))
-        if masked.all():
-            raise ReductionError(
-                f"{scan_file}:/{entry}/instrument/detector/pixel_mask masks every pixel"
-            )
+        lo, hi, masked = frame_window(
+            stream, geometry, params["first_frame"], params["last_frame"], scan_file, entry
+        )
         peaks = find_peaks(
             stream,
             lo,
