@@ -256,3 +256,24 @@ def test_plot_slice(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ReductionError):
         transform.plot_slice(res["file"], "l", 99.0, tmp_path / "x.png")
+
+
+def test_transform_memory_is_the_grid_plus_a_few_frames(tmp_path):
+    """Frames are streamed: peak allocation stays far below grid + the whole stack."""
+    import tracemalloc
+
+    scan = make_simulated_scan(tmp_path, write_truth_orientation=True, n_frames=360)
+    grid = {"qh": (-6, 0.05, 6), "qk": (-6, 0.05, 6), "ql": (-6, 0.05, 6)}
+    n = round(12 / 0.05) + 1
+    grid_bytes = 2 * 4 * n**3  # float32 v and n
+    with h5py.File(scan.scan_dir / "f1.h5", "r") as f:
+        stack_bytes = f["entry/data/data"].size * 4
+    transform.run(scan.scan_file, "f1", first=0, last=2, **grid)  # warm-up: numba compile
+    tracemalloc.start()
+    try:
+        transform.run(scan.scan_file, "f1", first=0, last=None, overwrite=True, **grid)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert stack_bytes > 60e6  # the whole stack would be noticed
+    assert peak < grid_bytes + 0.5 * stack_bytes, (peak, grid_bytes, stack_bytes)
