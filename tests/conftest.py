@@ -12,6 +12,7 @@ import pytest
 
 from nxrefine_bs.experiment import Experiment
 from nxrefine_bs.settings import ENV_VAR, init_server_settings
+from nxrefine_bs.testing import closing_run_engine
 
 SMALL_DETECTOR = "Pilatus 100k"
 """A small pyFAI detector (195 x 487 pixels) for fast tests."""
@@ -47,3 +48,10 @@ def configuration(experiment: Experiment) -> Path:
         detector=SMALL_DETECTOR,
         positions=[Position(), Position(omega=15.0)],
     )
+
+
+@pytest.fixture
+def RE():
+    """A RunEngine on its own event loop, halted and closed afterwards."""
+    with closing_run_engine() as engine:
+        yield engine

@@ -10,8 +10,6 @@ The composed-document tests of the writer are in ``test_nexus_writer.py``.
 
 from __future__ import annotations
 
-import asyncio
-import gc
 import os
 import socket
 import subprocess
@@ -49,18 +47,6 @@ NAMES = {"sample": "TiSe2", "label": "xtal1"}
 
 
 # ---------------------------------------------------------------------- fixtures, helpers
-@pytest.fixture
-def RE():
-    """A RunEngine on its own event loop, halted and closed afterwards."""
-    loop = asyncio.new_event_loop()
-    engine = RunEngine({}, loop=loop)
-    yield engine
-    if engine.state not in ("idle", "panicked"):
-        engine.halt()
-    loop.call_soon_threadsafe(loop.stop)
-    engine._th.join()
-    gc.collect()  # finish abandoned device coroutines while their loop still exists
-    loop.close()
 
 
 @pytest.fixture

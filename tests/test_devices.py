@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from pathlib import Path, PurePath
@@ -13,7 +12,6 @@ import bluesky.preprocessors as bpp
 import h5py
 import numpy as np
 import pytest
-from bluesky import RunEngine
 from bluesky.run_engine import call_in_bluesky_event_loop
 from bluesky.utils import FailedStatus
 from ophyd_async.core import (
@@ -40,19 +38,6 @@ from nxrefine_bs.simulation.crystal import SimCrystal
 from nxrefine_bs.simulation.frames import DetectorModel, RotationSimulator
 
 SHAPE = (64, 80)
-
-
-@pytest.fixture
-def RE():
-    """A RunEngine on its own event loop, halted and closed afterwards."""
-    loop = asyncio.new_event_loop()
-    engine = RunEngine({}, loop=loop)
-    yield engine
-    if engine.state not in ("idle", "panicked"):
-        engine.halt()
-    loop.call_soon_threadsafe(loop.stop)
-    engine._th.join()
-    loop.close()
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import bluesky.preprocessors as bpp
 import h5py
 import numpy as np
 import pytest
-from bluesky import RunEngine
 from bluesky.run_engine import call_in_bluesky_event_loop
 from bluesky.utils import RunEngineInterrupted
 
@@ -44,19 +42,6 @@ GEOMETRY_KEYS = {
     "pitch", "roll", "detector_orientation", "chi", "omega", "theta", "phi_start", "phi_step",
     "phi_end",
 }  # fmt: skip
-
-
-@pytest.fixture
-def RE():
-    """A RunEngine on its own event loop, halted and closed afterwards."""
-    loop = asyncio.new_event_loop()
-    engine = RunEngine({}, loop=loop)
-    yield engine
-    if engine.state not in ("idle", "panicked"):
-        engine.halt()
-    loop.call_soon_threadsafe(loop.stop)
-    engine._th.join()
-    loop.close()
 
 
 @pytest.fixture

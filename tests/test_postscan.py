@@ -9,7 +9,6 @@ database.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import threading
@@ -19,7 +18,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from bluesky import RunEngine
 
 from nxrefine_bs.callbacks.nexus_writer import NeXusScanWriter
 from nxrefine_bs.callbacks.reduction import PostScanReduction
@@ -42,19 +40,6 @@ OMEGAS = (0.0, 15.0)
 SI = Lattice.from_space_group("Fm-3m", 5.43)
 GRID = (-3.0, 0.1, 3.0)
 PARAMS = {"threshold": 50.0, "min_pixels": 4, "first": 0, "polar_max": 30.0}
-
-
-@pytest.fixture
-def RE():
-    """A RunEngine on its own event loop, halted and closed afterwards."""
-    loop = asyncio.new_event_loop()
-    engine = RunEngine({}, loop=loop)
-    yield engine
-    if engine.state not in ("idle", "panicked"):
-        engine.halt()
-    loop.call_soon_threadsafe(loop.stop)
-    engine._th.join()
-    loop.close()
 
 
 @pytest.fixture

@@ -7,13 +7,11 @@ the settings layers (experiment ``tasks/settings.ini``) apply as on a beamline.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 
 import h5py
 import numpy as np
 import pytest
-from bluesky import RunEngine
 
 from nxrefine_bs.cli import main
 from nxrefine_bs.nexus.geometry_io import read_orientation
@@ -23,6 +21,7 @@ from nxrefine_bs.reduce.lattice import Lattice, read_lattice
 from nxrefine_bs.reduce.orient import misorientation
 from nxrefine_bs.settings import update_settings
 from nxrefine_bs.simulation.scan import make_simulated_scan
+from nxrefine_bs.testing import closing_run_engine
 
 N_FRAMES = 200  # 100 degrees at 0.5 deg/frame: ~100 peaks per rotation
 THRESHOLD = 50.0
@@ -65,15 +64,9 @@ def scan(experiment):
 
 @pytest.fixture
 def RE():
-    """A RunEngine returning plan results, on its own event loop."""
-    loop = asyncio.new_event_loop()
-    engine = RunEngine({}, loop=loop, call_returns_result=True)
-    yield engine
-    if engine.state not in ("idle", "panicked"):
-        engine.halt()
-    loop.call_soon_threadsafe(loop.stop)
-    engine._th.join()
-    loop.close()
+    """A RunEngine returning plan results (overrides the conftest fixture)."""
+    with closing_run_engine(call_returns_result=True) as engine:
+        yield engine
 
 
 # ------------------------------------------------------------------------ help

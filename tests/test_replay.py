@@ -10,7 +10,6 @@ file is set aside and deleted; replaying the archived runs (through the API and 
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,6 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
-from bluesky import RunEngine
 
 from nxrefine_bs.callbacks.nexus_writer import NeXusScanWriter
 from nxrefine_bs.cli import main
@@ -42,19 +40,6 @@ EXCLUDED_FIELDS = frozenset(
 
 EXCLUDED_ATTRIBUTES = frozenset({("frame_time", "start"), ("", "file_time")})
 """``(object name, attribute)`` pairs not compared (``""``: any object)."""
-
-
-@pytest.fixture
-def RE():
-    """A RunEngine on its own event loop, halted and closed afterwards."""
-    loop = asyncio.new_event_loop()
-    engine = RunEngine({}, loop=loop)
-    yield engine
-    if engine.state not in ("idle", "panicked"):
-        engine.halt()
-    loop.call_soon_threadsafe(loop.stop)
-    engine._th.join()
-    loop.close()
 
 
 def describe(path: Path) -> dict[str, Any]:

@@ -1,0 +1,32 @@
+"""Helpers for tests of code built on nxrefine-bs (used by this project's own tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+from collections.abc import Iterator
+from typing import Any
+
+from bluesky import RunEngine
+
+__all__ = ["closing_run_engine"]
+
+
+@contextlib.contextmanager
+def closing_run_engine(**kwargs: Any) -> Iterator[RunEngine]:
+    """A RunEngine on its own event loop, halted and its loop closed on exit.
+
+    Keyword arguments go to :class:`bluesky.RunEngine` (e.g. ``call_returns_result``).
+    """
+    loop = asyncio.new_event_loop()
+    engine = RunEngine({}, loop=loop, **kwargs)
+    try:
+        yield engine
+    finally:
+        if engine.state not in ("idle", "panicked"):
+            engine.halt()
+        loop.call_soon_threadsafe(loop.stop)
+        engine._th.join()
+        gc.collect()  # finish abandoned device coroutines while their loop still exists
+        loop.close()
