@@ -7,17 +7,24 @@ here: its file name is taken relative to the directory of the scan file (invento
 §2.1), checked, and the detector file is opened read-only, optionally in SWMR mode so
 that a file still being written by an areaDetector/ophyd-async writer can be read.
 
-Frames are read with ``Dataset.read_direct`` into one reused buffer whose depth is the
-dataset's chunk depth along the frame axis (one frame for areaDetector files, which is
-also the fastest case: the buffer stays in the L3 cache; see
-``performance-baselines.md`` §1), capped by ``max_block_bytes``.
+Frames are read into a small ring of reused buffers whose depth is the dataset's chunk
+depth along the frame axis (one frame for areaDetector files, which is also the fastest
+case: the buffer stays in the L3 cache; see ``performance-baselines.md`` §1), capped by
+``max_block_bytes``.  Reading overlaps the caller's computation: ``readers`` background
+threads fill the next blocks while the caller works on the current one.  Compressed
+stacks (bitshuffle-LZ4, gzip, LZ4, Blosc, ...) are read chunk by chunk and decoded in
+those threads without h5py's lock (:class:`nxrefine_bs.nexus.codecs.ChunkReader`), so two
+readers decode on two cores; the HDF5 filter plugins of :mod:`hdf5plugin` are registered
+before any detector file is opened.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +36,13 @@ from numpy.typing import NDArray
 
 from ..errors import DataLinkError, ReductionError, ScanFileError
 from ..geometry import Geometry
+from ..nexus.codecs import ChunkReader, ensure_plugins
 from ..nexus.geometry_io import read_geometry
 from ..nexus.h5tools import read_field
+from ..nexus.nxreduce import resolve_parameters
 from ..nexus.provenance import process_done, read_process
 from ..nexus.scanfile import open_scan_file, rotation_entries
+from .parameters import resolve_frame_range
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +54,8 @@ __all__ = [
     "frame_range",
     "read_pixel_mask",
     "DEFAULT_MAX_BLOCK_BYTES",
+    "default_readers",
+    "available_cores",
     "step_parameters",
     "replace_group",
     "rotation_entries",
@@ -53,6 +65,19 @@ __all__ = [
 
 DEFAULT_MAX_BLOCK_BYTES = 64 * 1024 * 1024
 """Largest read buffer (bytes) used by :class:`FrameStream` unless told otherwise."""
+
+
+def available_cores() -> int:
+    """Cores this process may run on (CPU affinity, else ``os.cpu_count()``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_readers(parallel_decode: bool) -> int:
+    """Background reader threads: one for plain data, up to the core count (max 4) to decode."""
+    return min(4, available_cores()) if parallel_decode else 1
 
 
 @dataclass(frozen=True)
@@ -154,6 +179,9 @@ class FrameStream:
         open for files that were not written with SWMR support).
     max_block_bytes : int
         Upper bound on the read buffer size.
+    readers : int, optional
+        Background threads that read (and decode) the next blocks while the caller
+        computes; 0 reads in the caller's thread.  Default: :func:`default_readers`.
     """
 
     def __init__(
@@ -162,6 +190,7 @@ class FrameStream:
         *,
         swmr: bool = False,
         max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+        readers: int | None = None,
     ) -> None:
         self.source = source
         self._file = _open_data_file(source.data_file, swmr)
@@ -186,6 +215,10 @@ class FrameStream:
         frame_bytes = max(1, ds.shape[1] * ds.shape[2] * ds.dtype.itemsize)
         depth = ds.chunks[0] if ds.chunks else 1
         self.block_frames = int(max(1, min(depth, max_block_bytes // frame_bytes)))
+        self.reader = ChunkReader(ds)
+        self.readers = (
+            default_readers(self.reader.parallel) if readers is None else max(0, int(readers))
+        )
 
     # ------------------------------------------------------------------ properties
     @property
@@ -226,19 +259,59 @@ class FrameStream:
         if last <= first:
             return
         depth = self.block_frames
-        buf = np.empty((depth, ny, nx), dtype=self.dtype)
+        ranges: list[tuple[int, int]] = []
         start = first
         while start < last:
             stop = min(last, (start // depth + 1) * depth)
-            k = stop - start
-            view = buf[:k]
-            self.dataset.read_direct(view, np.s_[start:stop], np.s_[0:k])
-            yield start, view
+            ranges.append((start, stop))
             start = stop
+        if self.readers <= 0:
+            buf = np.empty((depth, ny, nx), dtype=self.dtype)
+            for start, stop in ranges:
+                self.reader.read(buf, start, stop)
+                yield start, buf[: stop - start]
+            return
+        yield from self._prefetched(ranges, depth, ny, nx)
+
+    def _prefetched(
+        self, ranges: list[tuple[int, int]], depth: int, ny: int, nx: int
+    ) -> Iterator[tuple[int, NDArray[np.generic]]]:
+        """Blocks read ahead by ``self.readers`` threads into a ring of ``readers + 1`` buffers.
+
+        Block ``i`` lives in slot ``i % nslots``; it is refilled (with block
+        ``i + nslots``) only after the caller has asked for block ``i + 1``.
+        """
+        workers = self.readers
+        nslots = workers + 1
+        slots = [np.empty((depth, ny, nx), dtype=self.dtype) for _ in range(nslots)]
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="frames")
+        pending: deque[Future[None]] = deque()
+
+        def submit(i: int) -> None:
+            a, b = ranges[i]
+            pending.append(pool.submit(self.reader.read, slots[i % nslots], a, b))
+
+        try:
+            for i in range(min(workers, len(ranges))):
+                submit(i)
+            for i, (a, b) in enumerate(ranges):
+                pending.popleft().result()
+                if i + workers < len(ranges):
+                    submit(i + workers)  # into the slot of block i - 1, released now
+                yield a, slots[i % nslots][: b - a]
+        finally:
+            for fu in pending:
+                fu.cancel()
+            pool.shutdown(wait=True)
 
     def read(self, first: int, last: int) -> NDArray[np.generic]:
         """Frames ``[first, last)`` as a new array (for small reads only)."""
-        return self.dataset[first:last]
+        n, ny, nx = self.shape
+        first, last = max(0, int(first)), min(int(last), n)
+        out = np.empty((max(0, last - first), ny, nx), dtype=self.dtype)
+        if last > first:
+            self.reader.read(out, first, last)
+        return out
 
     def close(self) -> None:
         """Close the detector file."""
@@ -254,6 +327,7 @@ class FrameStream:
 
 def _open_h5(path: Path, swmr: bool) -> h5py.File:
     """Open ``path`` read-only, in SWMR-read mode if asked and possible."""
+    ensure_plugins()
     if swmr:
         try:
             return h5py.File(path, "r", swmr=True, libver="latest")
@@ -280,8 +354,12 @@ def open_frames(
     *,
     swmr: bool = False,
     max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+    readers: int | None = None,
 ) -> Iterator[FrameStream]:
     """Open the frames of ``scan_file:/entry`` for streaming.
+
+    ``readers`` is the number of background reader/decoder threads (see
+    :class:`FrameStream`).
 
     Examples
     --------
@@ -290,7 +368,10 @@ def open_frames(
     ...         ...
     """
     stream = FrameStream(
-        resolve_data_link(scan_file, entry, swmr=swmr), swmr=swmr, max_block_bytes=max_block_bytes
+        resolve_data_link(scan_file, entry, swmr=swmr),
+        swmr=swmr,
+        max_block_bytes=max_block_bytes,
+        readers=readers,
     )
     try:
         yield stream
@@ -299,20 +380,14 @@ def open_frames(
 
 
 def frame_range(first: int | None, last: int | None, nframes: int) -> tuple[int, int]:
-    """Clip a requested ``[first, last)`` frame range to ``[0, nframes]``.
+    """The frames ``[first, last)`` used on a stack of ``nframes`` (NXRefine's convention).
 
-    ``None`` means the start/end of the stack; negative values count from the end.
-    The result may be empty (``first >= last``); callers decide whether that is an error.
+    See :func:`nxrefine_bs.reduce.parameters.resolve_frame_range`: ``first`` None is 0,
+    ``last`` None is ``nframes - 10``; negative values count from the end; clipped to
+    the stack.  The result may be empty (``first >= last``); callers decide whether
+    that is an error.
     """
-    f = 0 if first is None else int(first)
-    la = nframes if last is None else int(last)
-    if f < 0:
-        f += nframes
-    if la < 0:
-        la += nframes
-    f = min(max(f, 0), nframes)
-    la = min(max(la, 0), nframes)
-    return f, max(f, la)
+    return resolve_frame_range(first, last, nframes)
 
 
 def read_pixel_mask(entry: h5py.Group, shape: tuple[int, int]) -> NDArray[np.bool_]:
@@ -343,10 +418,8 @@ def step_parameters(
 ) -> dict[str, Any]:
     """Resolve reduction parameters: explicit value, then the settings layers, then defaults.
 
-    See :func:`nxrefine_bs.settings.resolve_parameters`.
+    See :func:`nxrefine_bs.nexus.nxreduce.resolve_parameters`.
     """
-    from ..settings import resolve_parameters
-
     return resolve_parameters(keys, explicit=explicit, scan_file=scan_file)
 
 
