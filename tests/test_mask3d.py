@@ -93,3 +93,81 @@ def test_first_last_and_overwrite(tmp_path):
         assert "masked_transform" in f["f1"] and process_done(f["f1"], "nxmasked_transform")
     assert mres["pixels"] < plain["pixels"]
     assert plain["pixels"] - mres["pixels"] <= m.sum()
+
+
+# --------------------------------------------------------------------------- fast kernel
+def _pair(rng, shape, bad, npeaks=6):
+    f0 = rng.poisson(4, shape).astype(np.int32)
+    f1 = rng.poisson(4, shape).astype(np.int32)
+    for _ in range(npeaks):
+        y, x = rng.integers(0, shape[0]), rng.integers(0, shape[1])
+        f1[max(0, y - 3) : y + 3, max(0, x - 3) : x + 3] += rng.integers(20, 5000)
+    f0[bad] = -1
+    f1[bad] = -1
+    return f0, f1
+
+
+@pytest.mark.parametrize("h1,h2", [(11, 51), (11, 21), (4, 30), (1, 1), (15, 300)])
+def test_fast_mask_equals_scipy_reference(h1, h2):
+    """The numba running-sum kernel gives the scipy implementation's mask, pixel for pixel."""
+    rng = np.random.default_rng(h1 * 100 + h2)
+    shape = (195, 235)
+    bad = np.zeros(shape, dtype=bool)
+    bad[60:63] = True
+    bad[:, 100:104] = True
+    bad[150, 7] = True  # an isolated bad pixel
+    kw = {"t1": 2.0, "h1": h1, "t2": 0.8, "h2": h2, "rows": gap_runs(bad, 0),
+          "cols": gap_runs(bad, 1)}  # fmt: skip
+    nonempty = 0
+    for _ in range(8):
+        f0, f1 = _pair(rng, shape, bad)
+        fast = mask3d.frame_difference_mask(f0, f1, bad, **kw)
+        ref = mask3d.frame_difference_mask_reference(f0, f1, bad, **kw)
+        np.testing.assert_array_equal(fast, ref)
+        nonempty += bool(ref.any())
+    assert nonempty >= 6  # the comparison covers masks that are not empty
+
+
+def test_fast_mask_dilation_threshold_above_one_equals_reference():
+    rng = np.random.default_rng(7)
+    shape = (120, 90)
+    bad = np.zeros(shape, dtype=bool)
+    for t2 in (3.0, 10.0, 200.0):
+        f0, f1 = _pair(rng, shape, bad, npeaks=10)
+        kw = {"t1": 2.0, "h1": 9, "t2": t2, "h2": 25}
+        np.testing.assert_array_equal(
+            mask3d.frame_difference_mask(f0, f1, bad, **kw),
+            mask3d.frame_difference_mask_reference(f0, f1, bad, **kw),
+        )
+
+
+def test_fast_mask_at_an_exact_threshold_tie_is_set():
+    """Documented difference: |box mean| == t1 exactly is masked (">= t1") by the exact sums.
+
+    scipy's running mean is rounded in float32, so at an exact tie it can fall on either
+    side of t1; the integer box sums here cannot.
+    """
+    shape = (40, 40)
+    f0 = np.zeros(shape, dtype=np.int32)
+    f1 = np.zeros(shape, dtype=np.int32)
+    f1[20, 20] = 18  # 3 x 3 box mean = 2.0 exactly around (20, 20)
+    bad = np.zeros(shape, dtype=bool)
+    m = mask3d.frame_difference_mask(f0, f1, bad, t1=2.0, h1=3, t2=0.8, h2=1)
+    assert m[19:22, 19:22].all() and m.sum() == 9
+    f1[20, 20] = 17
+    assert not mask3d.frame_difference_mask(f0, f1, bad, t1=2.0, h1=3, t2=0.8, h2=1).any()
+
+
+def test_run_writes_the_reference_mask(masked):
+    """The step's 3-D mask is the OR of the reference change masks into and out of each frame."""
+    sim, _res = masked
+    with h5py.File(sim.scan_file, "r") as f:
+        m = f["f1/data/data_mask"][()].astype(bool)
+        data = f["f1/data/data"][()]
+        bad = f["f1/instrument/detector/pixel_mask"][()] != 0
+    rows, cols = gap_runs(bad, 0), gap_runs(bad, 1)
+    kw = {"t1": 2.0, "h1": 11, "t2": 0.8, "h2": 21, "rows": rows, "cols": cols}
+    for j in (3, 10, 17):
+        into = mask3d.frame_difference_mask_reference(data[j - 1], data[j], bad, **kw)
+        out = mask3d.frame_difference_mask_reference(data[j], data[j + 1], bad, **kw)
+        np.testing.assert_array_equal(m[j], into | out)
