@@ -28,7 +28,8 @@ def _frames(seed: int = 3) -> np.ndarray:
 
 def _write(path, frames, codec, chunks=(1, SHAPE[1], SHAPE[2])):
     with h5py.File(path, "w") as f:
-        f.create_dataset("entry/data/data", data=frames, chunks=chunks, **compression_options(codec))
+        opts = compression_options(codec)
+        f.create_dataset("entry/data/data", data=frames, chunks=chunks, **opts)
     return DataSource(path, "f1", path, "/entry/data/data", False)
 
 
