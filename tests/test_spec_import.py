@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 from pathlib import Path
 
 import h5py
@@ -124,64 +123,118 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_read_spec(tmp_path):
-    spec = read_spec(write(tmp_path / "demo", GOOD_SPEC))
-    assert sorted(spec.scans) == [7, 8] and 7 in spec
-    assert spec.motors == ["phi", "chi", "th", "Two Theta", "samz"]
-    scan = spec.scan(7)
+    with read_spec(write(tmp_path / "demo", GOOD_SPEC)) as spec:
+        assert spec.keys() == ["7.1", "8.1"] and len(spec) == 2
+        assert 7 in spec and "7.1" in spec and "7.2" not in spec and 9 not in spec
+        scan = spec.scan(7)
+        assert spec.scan("7.1") is scan
+        assert spec.line_of(8) == 22
+        with pytest.raises(SpecFileError, match=r"demo has no scan 9 \(it has scans 7..8\)"):
+            spec.scan(9)
+        with pytest.raises(SpecFileError, match=r"'seven' is not a scan key"):
+            spec.scan("seven")
+    assert (scan.key, scan.number, scan.order, scan.line) == ("7.1", 7, 1, 8)
     assert scan.command == "flyangle phi 0 2 4 0.5"
     assert scan.labels == ["phi", "Two Theta", "flyc1"]
     assert scan.data.shape == (4, 3)
     assert scan.column("FLYC1").tolist() == [100, 101, 102, 103]
+    assert scan.columns()["Two Theta"].tolist() == [1, 1, 1, 1]
     assert scan.positioners == {"phi": 0, "chi": 90, "th": 1.5, "Two Theta": 12.5, "samz": -3}
     assert scan.count_time == 0.5
     assert scan.start_time == "2023-10-10T12:01:00"
     assert scan.comments == ["a comment inside the data"]
+    scan.check_data()  # the @A line and the comment are not data rows
     assert spec.scan(8).start_time == "2023-10-10T12:00:00"  # falls back on the file date
-    with pytest.raises(SpecFileError, match=r"demo has no scan 9 \(it has scans 7..8\)"):
-        spec.scan(9)
+    assert spec.scan(8).positioners == {}  # no #P lines
     with pytest.raises(SpecFileError, match="no column 'sampleT'"):
         scan.column("sampleT")
     with pytest.raises(SpecFileError, match="no position for motor 'omega'"):
         scan.positioner("omega")
 
 
-def test_read_spec_repeated_scan_number(tmp_path, caplog):
+def test_read_spec_repeated_scan_number(tmp_path):
+    """SPEC restarts its numbering: both scans are kept and addressed as silx does."""
     text = GOOD_SPEC + "\n#S 8  ascan th 0 2 2 1\n#L th  flyc1\n0 7\n1 8\n2 9\n"
-    with caplog.at_level(logging.WARNING):
-        spec = read_spec(write(tmp_path / "demo", text))
-    assert spec.scan(8).nrows == 3
-    assert "scan 8 appears again" in caplog.text
+    path = write(tmp_path / "demo", text)
+    with read_spec(path) as spec:
+        assert spec.keys() == ["7.1", "8.1", "8.2"]
+        assert spec.numbers == [7, 8, 8]
+        assert spec.scan("8.1").nrows == 2
+        second = spec.scan("8.2")
+        assert (second.number, second.order, second.line) == (8, 2, 27)
+        assert second.column("flyc1").tolist() == [7, 8, 9]
+        with pytest.raises(
+            SpecFileError, match=r"has scan 8 2 times: '8.1' \(line 22\), '8.2' \(line 27\)"
+        ):
+            spec.scan(8)
+
+
+def _check_data(spec, key):
+    spec.scan(key).check_data()
 
 
 @pytest.mark.parametrize(
-    ("change", "message"),
+    ("change", "action", "message"),
     [
-        (("#S 7  flyangle", "#S seven  flyangle"), r"line 8: '#S' must be followed by a scan"),
-        (("0.5 1 101", "0.5 1 101 7"), r"line 17: .* has 4 values but '#L' names 3"),
-        (("1 1 102", "1 x 102"), r"line 19: data row of scan 7 holds 'x'"),
-        (("#P1 12.5 -3", "#P1 12.5 -3 4"), r"line 12: '#P1' has 3 positions but '#O1' names 2"),
-        (("#P1 12.5 -3", "#P2 1"), r"line 12: '#P2' has no matching '#O2'"),
-        (("#P0 0 90 1.5", "#P0 0 ninety 1.5"), r"line 11: #P0 holds 'ninety'"),
-        (("#L th  flyc1\n", ""), r"line 23: data row in scan 8 before its '#L'"),
-        (("#T 0.5", "#T soon"), r"line 10: '#T' must start with a counting time"),
+        (("#S 7  flyangle", "#S seven  flyangle"), list, r"line 8: '#S' must be followed by a sc"),
+        (
+            ("0.5 1 101", "0.5 1 101 7"),
+            lambda spec: _check_data(spec, 7),
+            r"line 17: data row of scan 7.1 has 4 values but '#L' names 3",
+        ),
+        (
+            ("1 1 102", "1 x 102"),
+            lambda spec: _check_data(spec, 7),
+            r"line 19: data row of scan 7.1 holds 'x'",
+        ),
+        (
+            ("#P1 12.5 -3", "#P1 12.5 -3 4"),
+            lambda spec: spec.scan(7),
+            r"line 12 \(scan 7.1\): '#P1' has 3 positions but '#O1' names 2",
+        ),
+        (
+            ("#P1 12.5 -3", "#P2 1"),
+            lambda spec: spec.scan(7),
+            r"line 12 \(scan 7.1\): '#P2' has no matching '#O2'",
+        ),
+        (
+            ("#P0 0 90 1.5", "#P0 0 ninety 1.5"),
+            lambda spec: spec.scan(7),
+            r"line 11 \(scan 7.1\): '#P0 0 ninety 1.5' holds a value that is not a number",
+        ),
+        (
+            ("#L th  flyc1\n", ""),
+            lambda spec: _check_data(spec, 8),
+            r"line 23: data row in scan 8.1 \(line 22\) before any '#L'",
+        ),
+        (
+            ("#T 0.5", "#T soon"),
+            lambda spec: spec.scan(7).count_time,
+            r"scan 7.1 \(line 8\): '#T' must start with a counting time",
+        ),
     ],
 )
-def test_read_spec_malformed(tmp_path, change, message):
+def test_read_spec_malformed(tmp_path, change, action, message):
+    """What silx reads leniently (a bad row skipped, a bad number as 0) is an error here."""
     old, new = change
     assert old in GOOD_SPEC
     path = write(tmp_path / "bad", GOOD_SPEC.replace(old, new, 1))
-    with pytest.raises(SpecFileError, match=message) as info:
-        read_spec(path)
+    with read_spec(path) as spec, pytest.raises(SpecFileError, match=message) as info:
+        action(spec)
     assert str(path) in str(info.value)
 
 
 def test_read_spec_not_spec(tmp_path):
     with pytest.raises(SpecFileError, match="does not exist"):
         read_spec(tmp_path / "missing")
-    with pytest.raises(SpecFileError, match=r"line 1: data '1 2 3' before the first '#S'"):
+    with pytest.raises(SpecFileError, match="is not a regular file"):
+        read_spec(tmp_path)
+    with pytest.raises(SpecFileError, match=r"numbers is not a SPEC file silx can read .* has 0"):
         read_spec(write(tmp_path / "numbers", "1 2 3\n"))
-    with pytest.raises(SpecFileError, match="has no '#' control lines"):
+    with pytest.raises(SpecFileError, match="is not a SPEC file"):
         read_spec(write(tmp_path / "empty", "\n\n"))
+    with read_spec(write(tmp_path / "header", "#F header\n#D Tue Oct 10 12:00:00 2023\n")) as spec:
+        assert spec.keys() == [] and 1 not in spec
 
 
 # --------------------------------------------------------------------------- import

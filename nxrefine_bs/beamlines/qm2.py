@@ -94,6 +94,9 @@ class RotationLogs:
     ----------
     scan_number : int
         SPEC scan number.
+    scan_key : str
+        The scan as silx addresses it, ``"<number>.<order>"`` (``"4.2"`` is the second
+        ``#S 4`` of the file).
     phi : numpy.ndarray
         Rotation angle of every frame (deg): ``phi_start + phi_step * i``.
     phi_step, phi_end : float
@@ -129,6 +132,7 @@ class RotationLogs:
     count_time: float | None
     command: str
     positioners: dict[str, float] = field(default_factory=dict)
+    scan_key: str = ""
 
     @property
     def nframes(self) -> int:
@@ -171,9 +175,11 @@ def rotation_logs(scan: SpecScan, nframes: int | None = None) -> RotationLogs:
     Raises
     ------
     SpecFileError
-        If the phi range cannot be found, the number of frames or data rows differs
-        from ``nframes``, or a monitor column is missing.
+        If a data row is malformed (:meth:`SpecScan.check_data`), the phi range cannot
+        be found, the number of frames or data rows differs from ``nframes``, or a
+        monitor column is missing.
     """
+    scan.check_data()
     parsed = _phi_from_command(scan)
     if parsed is not None:
         start, end, count = parsed
@@ -206,7 +212,7 @@ def rotation_logs(scan: SpecScan, nframes: int | None = None) -> RotationLogs:
             f"{scan.where}: the SPEC scan has {scan.nrows} data rows for {n} frames; "
             "was the scan aborted?"
         )
-    columns = {label: scan.data[:, i].copy() for i, label in enumerate(scan.labels)}
+    columns = scan.columns()
     monitors = {}
     for name in MONITOR_COLUMNS:
         if scan.has_column(name):
@@ -240,6 +246,7 @@ def rotation_logs(scan: SpecScan, nframes: int | None = None) -> RotationLogs:
         count_time=scan.count_time,
         command=scan.command,
         positioners=dict(scan.positioners),
+        scan_key=scan.key,
     )
 
 
@@ -622,13 +629,13 @@ class QM2Beamline(BeamLine):
         experiment.sample_dir(sample, label)  # validates names
         raw_scans = self.find_raw_scans(experiment, sample, label, scans)
         spec_path = Path(spec_file) if spec_file is not None else self.spec_file(experiment, sample)
-        spec = read_spec(spec_path)
         label_raw = self.raw_label_directory(experiment, sample, label)
         links = _template_links(config_path, info.entries)
-        jobs = [
-            self._plan(experiment, info, links, spec, raw, sample, label, label_raw, overwrite)
-            for raw in raw_scans
-        ]
+        with read_spec(spec_path) as spec:
+            jobs = [
+                self._plan(experiment, info, links, spec, raw, sample, label, label_raw, overwrite)
+                for raw in raw_scans
+            ]
         written = []
         for job in jobs:
             written.append(self._write(job, config_path, overwrite=overwrite, progress=progress))
@@ -688,7 +695,13 @@ class QM2Beamline(BeamLine):
             try:
                 logs = rotation_logs(spec.scan(rot.scan_number), len(rot.images))
             except SpecFileError as exc:
-                raise SpecFileError(f"{exc} (images in {rot.directory})") from None
+                hint = ""
+                if spec.numbers.count(rot.scan_number) > 1:
+                    hint = (
+                        f"; the image directory names only the number, so pass spec_file= "
+                        f"(--spec-file) naming a SPEC file with one scan {rot.scan_number}"
+                    )
+                raise SpecFileError(f"{exc} (images in {rot.directory}){hint}") from None
             if logs.temperature is not None:
                 temperatures.append(logs.temperature)
             rotations.append(_Rotation(entry, rot, logs, target, dataset))
@@ -772,6 +785,7 @@ class QM2Beamline(BeamLine):
         try:
             with h5py.File(scan_paths.scan_file, "r") as f:
                 number = read_field(f, f"{entry}/scan_number")
+                key = read_field(f, f"{entry}/instrument/logs/spec_scan")
                 recorded = read_field(f, f"{entry}/instrument/logs/spec_file")
         except OSError:
             return None
@@ -782,7 +796,8 @@ class QM2Beamline(BeamLine):
         else:
             experiment = Experiment.open(scan_paths.experiment_dir)
             spec_path = self.spec_file(experiment, scan_paths.sample)
-        return read_spec(spec_path).scan(int(number))
+        with read_spec(spec_path) as spec:
+            return spec.scan(str(key) if key else int(number))
 
     def read_logs(self, scan_paths: ScanPaths, entry: str) -> dict[str, Any]:
         """SPEC data columns of the rotation (``{}`` if the scan was not imported)."""
@@ -909,6 +924,7 @@ def _write_logs(f: h5py.File, job: _Job) -> None:
         for name, values in logs.columns.items():
             write_field(collection, _safe_key(name), values, attrs={"spec_label": name})
         write_field(collection, "spec_command", logs.command)
+        write_field(collection, "spec_scan", logs.scan_key)
         write_field(collection, "spec_file", str(job.spec_file))
         positions = nx_group(collection, "positioners", "NXcollection")
         for name, value in logs.positioners.items():
@@ -918,6 +934,7 @@ def _write_logs(f: h5py.File, job: _Job) -> None:
             "nxlink",
             parameters={
                 "spec_scan_number": logs.scan_number,
+                "spec_scan": logs.scan_key,
                 "images": str(rot.raw.directory),
                 "frames": n,
             },

@@ -1,4 +1,4 @@
-"""Write a QM2-like raw tree (SPEC file + CBF/TIFF image directories) from the simulator.
+r"""Write a QM2-like raw tree (SPEC file + CBF/TIFF image directories) from the simulator.
 
 The tree looks like what the QM2 beamline at CHESS leaves behind::
 
@@ -7,9 +7,11 @@ The tree looks like what the QM2 beamline at CHESS leaves behind::
 
 with one image directory per rotation, ``NNN`` being its SPEC scan number.  Each
 SPEC scan has the command ``flyangle phi START END N COUNT_TIME``, the motor
-positions ``phi chi th tth`` (``chi`` in SPEC convention: ``90 - chi`` of
-nxrefine-bs) and one data row per frame with the columns
-``phi  Epoch  Seconds  flyc1  flyc2  sampleT``.  Frames are the seeded
+positions ``phi  chi  th  Two Theta`` and ``sample x  sample y  sample z`` (names
+separated by two spaces and holding single spaces, as SPEC writes them; ``chi`` in
+SPEC convention: ``90 - chi`` of nxrefine-bs) and one data row per frame with the
+columns ``phi  Epoch  Seconds  flyc1  flyc2  sampleT``, optionally followed by an MCA
+spectrum (``@A`` lines continued with ``\``).  Frames are the seeded
 :class:`~nxrefine_bs.simulation.frames.RotationSimulator` frames (int32, gaps -1),
 so a test can compare an import with the simulator frame by frame.
 
@@ -46,6 +48,15 @@ SPEC_COLUMNS: tuple[str, ...] = ("phi", "Epoch", "Seconds", "flyc1", "flyc2", "s
 """Data columns written for every frame."""
 
 SPEC_DATE_FORMAT = "%a %b %d %H:%M:%S %Y"
+
+SPEC_MOTORS: tuple[tuple[str, ...], ...] = (
+    ("phi", "chi", "th", "Two Theta"),
+    ("sample x", "sample y", "sample z"),
+)
+"""Motor names of the ``#O0`` and ``#O1`` lines."""
+
+MCA_VALUES_PER_LINE = 16
+r"""Values per ``@A`` line before SPEC continues it on the next line (``\``)."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +143,18 @@ def _write_image(path: Path, frame: NDArray[np.int32], image_format: str) -> Non
         TifImage(data=frame).write(str(path))
 
 
+def _mca_lines(counts: NDArray[np.int64]) -> list[str]:
+    """``@A`` lines of one spectrum, each full line continued with a backslash."""
+    values = [str(int(v)) for v in counts]
+    step = MCA_VALUES_PER_LINE
+    chunks = [values[i : i + step] for i in range(0, len(values), step)]
+    out = []
+    for i, chunk in enumerate(chunks):
+        text = ("@A " if i == 0 else " ") + " ".join(chunk)
+        out.append(text + ("\\" if i < len(chunks) - 1 else ""))
+    return out
+
+
 def make_qm2_raw_tree(
     raw_directory: str | os.PathLike[str],
     *,
@@ -150,6 +173,8 @@ def make_qm2_raw_tree(
     start: datetime | None = None,
     seed: int = 0,
     append: bool = False,
+    header: bool | None = None,
+    mca_channels: int = 0,
     **simulator_kwargs: float,
 ) -> SimulatedRawTree:
     """Write a seeded QM2-like raw tree and its SPEC file.
@@ -185,6 +210,13 @@ def make_qm2_raw_tree(
         Seed of the crystal and of every rotation's noise.
     append : bool
         Add scans to an existing SPEC file instead of refusing to replace it.
+    header : bool, optional
+        Write a file header (``#F``, ``#E``, ``#D``, ``#O`` lines) before the scans; by
+        default only for a new file.  Pass True when appending to a file written by
+        something else (SPEC starts a new header section the same way).
+    mca_channels : int
+        If above zero, every frame also gets an ``@A`` MCA spectrum of this many
+        seeded counts, 16 values per line, each full line ending in a backslash.
     **simulator_kwargs
         Passed to :class:`RotationSimulator` (``max_intensity``, ``background``...).
 
@@ -215,15 +247,18 @@ def make_qm2_raw_tree(
     start = start or datetime(2026, 1, 2, 3, 4, 5)
     rng = np.random.default_rng([seed, 31337])
     tree = SimulatedRawTree(raw_directory, spec_path, sample, label, crystal)
+    if mca_channels < 0:
+        raise ValueError(f"mca_channels must be >= 0, got {mca_channels}")
     lines: list[str] = []
-    if not spec_path.exists():
+    if header if header is not None else not spec_path.exists():
+        if spec_path.exists():
+            lines.append("")
         lines += [
             f"#F {spec_path}",
             f"#E {int(start.timestamp())}",
             f"#D {start.strftime(SPEC_DATE_FORMAT)}",
             "#C qm2  User = nxrefine-bs simulator",
-            "#O0 phi  chi  th  tth",
-            "#O1 samx  samy  samz",
+            *(f"#O{k}    " + "  ".join(names) for k, names in enumerate(SPEC_MOTORS)),
             "",
         ]
     number = first_scan_number
@@ -262,10 +297,15 @@ def make_qm2_raw_tree(
                 f"#T {count_time:g}  (Seconds)",
                 "#G0 0 0 0 0",
                 f"#P0 {phi_start:.10g} {spec_chi:.10g} {float(theta):.10g} 0",
-                "#P1 0 0 0",
+                "#P1 0.25 -1.5 12",
                 f"#N {len(SPEC_COLUMNS)}",
-                "#L " + "  ".join(SPEC_COLUMNS),
             ]
+            if mca_channels:
+                lines += [
+                    f"#@MCA {MCA_VALUES_PER_LINE}C",
+                    f"#@CHANN {mca_channels} 0 {mca_channels - 1} 1",
+                ]
+            lines.append("#L " + "  ".join(SPEC_COLUMNS))
             t_values = []
             for i in range(n_frames):
                 t_text, t_value = _text(float(temps[i]), ".4f")
@@ -279,6 +319,8 @@ def make_qm2_raw_tree(
                     t_text,
                 ]
                 lines.append(" ".join(row))
+                if mca_channels:
+                    lines += _mca_lines(rng.poisson(20.0, mca_channels))
                 if i == n_frames // 2:
                     lines.append(f"#C {date.strftime('%H:%M:%S')}  halfway through the rotation")
             lines.append("")
