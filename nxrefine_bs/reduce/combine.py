@@ -22,10 +22,12 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import FileExistsNXError, ReductionError
-from ..nexus.geometry_io import read_cell
+from ..nexus.geometry_io import read_cell, read_orientation
 from ..nexus.h5tools import read_field
 from ..nexus.provenance import now_iso, process_done, record_process
 from ..nexus.scanfile import open_scan_file, update_scan_file
+from .lattice import LatticeError, read_lattice
+from .setting import setting_relation
 from .transform import (
     CHUNK,
     _external_target,
@@ -37,13 +39,83 @@ from .transform import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run", "rotation_entries"]
+__all__ = ["run", "rotation_entries", "check_settings"]
+
+SETTING_ANGLE = 5.0
+"""Degrees: orientations closer than this after a lattice rotation are compared as settings."""
 
 
 def rotation_entries(f: h5py.File) -> list[str]:
     """Names of the rotation entries ``f1, f2, ...`` in numerical order."""
     names = [k for k in f if k[:1] == "f" and k[1:].isdigit() and isinstance(f[k], h5py.Group)]
     return sorted(names, key=lambda k: int(k[1:]))
+
+
+def check_settings(f: h5py.File, entries: list[str], where: str) -> None:
+    """Refuse rotations whose orientation is not in the setting of the first one.
+
+    Parameters
+    ----------
+    f : h5py.File
+        The open scan file.
+    entries : list of str
+        Rotation entries to be combined, the first being the reference.
+    where : str
+        The scan file, for messages.
+
+    Raises
+    ------
+    ReductionError
+        If an entry's orientation matrix is related to the first one's by a lattice
+        rotation other than the identity (the message names the operation as the matrix
+        ``M`` with ``h(fN) = M h(f1)`` and says whether it lies in the Laue group).
+    """
+    if len(entries) < 2:
+        return
+    sample = f[entries[0]].get("sample")
+    if sample is None:
+        sample = f.get("entry/sample")
+    try:
+        lattice = read_lattice(sample) if sample is not None else None
+    except LatticeError as exc:
+        logger.warning("%s: no lattice to compare the settings of %s (%s)", where, entries, exc)
+        return
+    orientations = {e: read_orientation(f[e]) for e in entries}
+    ref = entries[0]
+    if lattice is None or orientations[ref] is None:
+        logger.warning("%s: %s has no orientation or lattice; settings not compared", where, ref)
+        return
+    for e in entries[1:]:
+        u = orientations[e]
+        if u is None:
+            continue
+        rel = setting_relation(orientations[ref], u, lattice)
+        if rel.angle > SETTING_ANGLE:
+            logger.warning(
+                "%s: %s and %s orientations differ by %.1f deg even allowing for the lattice "
+                "symmetry; their settings cannot be compared",
+                where,
+                ref,
+                e,
+                rel.angle,
+            )
+            continue
+        if rel.same_setting:
+            continue
+        if rel.in_laue_group:
+            raise ReductionError(
+                f"{where}: {e} is in another setting than {ref} ({rel.describe()}); the "
+                "settings are equivalent but label the data differently. Rerun 'refine' "
+                f"with overwrite on {e} (it starts from {ref}'s setting), then 'transform', "
+                "before combining"
+            )
+        raise ReductionError(
+            f"{where}: {e} and {ref} are indexed in twin-related settings ({rel.describe()}, "
+            f"not a symmetry of {lattice.space_group!r}); combining would add different "
+            f"reflections together. Rerun 'refine' with overwrite on {e} (it starts from "
+            f"{ref}'s setting), then 'transform'; if the crystal is really twinned, "
+            "combine the rotations separately"
+        )
 
 
 def run(
@@ -53,7 +125,6 @@ def run(
     mask: bool = False,
     overwrite: bool = False,
     progress: bool = False,
-    **_: Any,
 ) -> dict[str, Any]:
     """Sum the per-rotation transforms of ``scan_file`` into ``<scan>/transform.nxs``.
 
@@ -78,7 +149,8 @@ def run(
     Raises
     ------
     ReductionError
-        No rotation entries, a rotation not transformed, or grids that differ.
+        No rotation entries, a rotation not transformed, grids that differ, or rotations
+        in different settings (see :func:`check_settings`).
     """
     scan_file = Path(scan_file)
     process = "nxmasked_combine" if mask else "nxcombine"
@@ -102,6 +174,7 @@ def run(
                 f"{scan_file}: {', '.join(missing)} not transformed yet; run the "
                 f"{'masked ' if mask else ''}transform step on every rotation before combining"
             )
+        check_settings(f, entries, str(scan_file))
         sources = [_external_target(scan_file, f[e][group], "data") for e in entries]
         cell = read_cell(f[entries[0]])
         name = read_field(f, f"{entry}/sample/name") or "sample"
