@@ -56,7 +56,9 @@ def test_combine_sums_rotations(tmp_path):
 
 def test_combine_rejects_different_grids(tmp_path):
     sim = make_simulated_scan(tmp_path, n_frames=6, write_truth_orientation=True, omegas=(0, 15))
-    transform.run(sim.scan_file, "f1", **GRID)
-    transform.run(sim.scan_file, "f2", qh=(-6, 0.2, 6), qk=GRID["qk"], ql=GRID["ql"])
+    transform.run(sim.scan_file, "f1", first=0, last=6, **GRID)
+    transform.run(
+        sim.scan_file, "f2", first=0, last=6, qh=(-6, 0.2, 6), qk=GRID["qk"], ql=GRID["ql"]
+    )
     with pytest.raises(ReductionError, match="same grid"):
         combine.run(sim.scan_file)
