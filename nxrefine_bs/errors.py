@@ -19,6 +19,7 @@ __all__ = [
     "FileExistsNXError",
     "BeamlineNotFoundError",
     "MetadataError",
+    "WriterError",
     "DataLinkError",
     "ReductionError",
     "IndexingError",
@@ -69,6 +70,10 @@ class BeamlineNotFoundError(NXRefineBSError, KeyError):
 
 class MetadataError(NXRefineBSError, ValueError):
     """Run metadata (start document, plan arguments) is missing or invalid."""
+
+
+class WriterError(NXRefineBSError, RuntimeError):
+    """The NeXus scan-file writer could not write a run (the run is failed, not lost)."""
 
 
 class DataLinkError(NXRefineBSError, FileNotFoundError):

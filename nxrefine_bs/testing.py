@@ -10,17 +10,19 @@ from typing import Any
 
 from bluesky import RunEngine
 
+from .callbacks.isolation import BeamlineRunEngine
+
 __all__ = ["closing_run_engine"]
 
 
 @contextlib.contextmanager
 def closing_run_engine(**kwargs: Any) -> Iterator[RunEngine]:
-    """A RunEngine on its own event loop, halted and its loop closed on exit.
+    """A :class:`BeamlineRunEngine` on its own event loop, halted and closed on exit.
 
     Keyword arguments go to :class:`bluesky.RunEngine` (e.g. ``call_returns_result``).
     """
     loop = asyncio.new_event_loop()
-    engine = RunEngine({}, loop=loop, **kwargs)
+    engine = BeamlineRunEngine({}, loop=loop, **kwargs)
     try:
         yield engine
     finally:

@@ -182,7 +182,9 @@ def test_rotation_scan_file_and_swmr_read_through_link(RE, exp_dir):
         datums.append(doc["indices"]["stop"])
         if len(datums) != 2:
             return
-        # the detector still has f1.h5 open for (SWMR) writing
+        # the detector still has f1.h5 open for (SWMR) writing; the writer thread has
+        # linked it (this callback is critical: it holds the RunEngine while it reads)
+        assert writer.flush(60)
         with h5py.File(writer.last_scan_file, "r", swmr=True, libver="latest") as f:
             frames = f["f1/data/data"]
             live["frames"] = frames.shape[0]
@@ -194,7 +196,7 @@ def test_rotation_scan_file_and_swmr_read_through_link(RE, exp_dir):
         )  # fmt: skip
         live["subprocess"] = out
 
-    RE.subscribe(read_while_writing)
+    RE.subscribe(read_while_writing, critical=True)
     RE(
         rotation_scan(
             bl, experiment_dir=exp_dir, **NAMES, scan="300K", phi_start=-1.0, phi_end=19.0,

@@ -15,12 +15,13 @@ so the scan file is complete when the stop document arrives here.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..reduce.steps import STEP_ORDER, get_step
-from .nexus_writer import scan_file_for_start
+from .run_writer import scan_file_for_start
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +38,22 @@ class PostScanReduction:
     steps : sequence of str
         Steps to run (default: max, find, refine, transform, combine).
     queue : ReductionQueue, optional
-        Where to queue the work.  By default a queue on the experiment's workflow
-        database with an in-process thread executor is created on first use (one per
-        experiment directory).
+        Where to queue the work.  By default a queue is created on first use (one per
+        experiment directory) as the ``[server]`` settings say: the workflow database
+        ``[server] database`` (else the experiment's ``tasks/workflow.db``) and the
+        executor ``[server] type`` (``dask`` with ``dask_scheduler``, else threads).
+    settings : mapping, optional
+        Server settings ``{section: {key: value}}`` for the default queues (default:
+        the server settings file).
     params : mapping, optional
         Explicit step parameters (``threshold``, ``qh``...) for every job.
     on_queued : callable, optional
         Called with ``(scan_file, entry, jobs)`` after each submission (e.g. to
         register the scan in Tiled or to update a display).
+    writer : NeXusScanWriter, optional
+        The writer of the runs.  When given, each rotation is reduced only after the
+        writer has finished its entry, and only if it recorded ``success`` (all
+        frames and monitors present); the waiting happens off the RunEngine thread.
     """
 
     def __init__(
@@ -54,12 +63,17 @@ class PostScanReduction:
         queue: Any | None = None,
         params: Mapping[str, Any] | None = None,
         on_queued: Callable[[Path, str, list[Any]], None] | None = None,
+        writer: Any | None = None,
+        settings: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         for name in steps:
             get_step(name)
         self.steps = tuple(s for s in STEP_ORDER if s in steps)
         self.params = dict(params or {})
         self.on_queued = on_queued
+        self.writer = writer
+        self.settings = settings
+        self._waiters: list[threading.Thread] = []
         self._queue = queue
         self._queues: dict[Path, Any] = {}
         self._start: dict[str, Any] | None = None
@@ -73,12 +87,14 @@ class PostScanReduction:
         if self._queue is not None:
             return self._queue
         if experiment_dir not in self._queues:
-            from ..workflow.executor import LocalExecutor
+            from ..workflow.config import open_experiment_db, server_settings
+            from ..workflow.executor import make_executor
             from ..workflow.queue import ReductionQueue
 
-            self._queues[experiment_dir] = ReductionQueue(
-                experiment_dir, LocalExecutor(1), own_executor=True
-            )
+            settings = self.settings if self.settings is not None else server_settings()
+            db = open_experiment_db(experiment_dir, settings=settings)
+            executor = make_executor(settings=settings)
+            self._queues[experiment_dir] = ReductionQueue(db, executor, own_executor=True)
         return self._queues[experiment_dir]
 
     def wait(self, timeout: float | None = None) -> list[Any]:
@@ -93,6 +109,9 @@ class PostScanReduction:
         list of ScanResult
             One per job finished since the last call.
         """
+        for waiter in self._waiters:
+            waiter.join(timeout)
+        self._waiters = [w for w in self._waiters if w.is_alive()]
         results: list[Any] = []
         queues = [self._queue] if self._queue is not None else list(self._queues.values())
         for q in queues:
@@ -120,7 +139,13 @@ class PostScanReduction:
                 self._start = doc if "nxrefine" in doc else None
             elif name == "stop" and self._start is not None:
                 start, self._start = self._start, None
-                if doc.get("exit_status") == "success":
+                if doc.get("exit_status") == "success" and self.writer is not None:
+                    waiter = threading.Thread(
+                        target=self._submit_when_written, args=(start,), daemon=True
+                    )
+                    self._waiters.append(waiter)
+                    waiter.start()
+                elif doc.get("exit_status") == "success":
                     self._submit(start)
                 else:
                     logger.info(
@@ -130,6 +155,23 @@ class PostScanReduction:
                     )
         except Exception as exc:  # non-critical: never break the RunEngine
             message = f"post-scan reduction of run {doc.get('run_start', '?')} failed: {exc}"
+            self.errors.append(message)
+            logger.exception(message)
+
+    def _submit_when_written(self, start: Mapping[str, Any]) -> None:
+        uid = str(start.get("uid"))
+        try:
+            status = self.writer.wait_run(uid)
+            if status != "success":
+                logger.warning(
+                    "run %s: the scan file records %s, not success; not reducing it",
+                    uid,
+                    status,
+                )
+                return
+            self._submit(start)
+        except Exception as exc:  # non-critical: log and record
+            message = f"post-scan reduction of run {uid} failed: {exc}"
             self.errors.append(message)
             logger.exception(message)
 
@@ -145,8 +187,9 @@ class PostScanReduction:
             self._jobs.setdefault(scan_file, []).extend(jobs)
         last = int(md.get("rotation_index", 1)) >= int(md.get("rotations", 1))
         if per_scan and last:
-            earlier = self._jobs.pop(scan_file, [])
-            jobs += queue.submit(scan_file, steps=per_scan, params=self.params, after=earlier)
+            # the graph makes the per-scan steps wait for the rotations' pending tasks
+            self._jobs.pop(scan_file, None)
+            jobs += queue.submit(scan_file, steps=per_scan, params=self.params)
         logger.info("queued %s for %s:%s", ",".join(self.steps), scan_file.name, entry)
         if self.on_queued is not None:
             self.on_queued(scan_file, entry, jobs)

@@ -18,7 +18,6 @@ it holds raw data.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import time
@@ -39,6 +38,7 @@ from ..errors import (
     ScanFileError,
 )
 from ..experiment import EXPERIMENT_SUBDIRS, ScanPaths
+from .safewrite import LOCK_TIMEOUT, atomic_update, fsync_path, locked
 from .template import DATA_PATH, read_configuration
 
 __all__ = [
@@ -53,96 +53,21 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-LOCK_TIMEOUT = 60.0
-"""Seconds :func:`locked` waits for another process before giving up."""
-
-
 @contextlib.contextmanager
-def locked(
-    path: str | os.PathLike[str], *, timeout: float = LOCK_TIMEOUT, poll: float = 0.05
-) -> Iterator[Path]:
-    """Hold an exclusive advisory lock on ``path`` (via ``<path>.lock``) in this block.
-
-    Every writer of a shared file (scan files, parents) takes this lock, so processes
-    and threads never write the same file at once.  The lock file is removed on exit.
-
-    Parameters
-    ----------
-    path : path-like
-        The file to protect (it need not exist).
-    timeout : float
-        Seconds to wait for the lock.
-    poll : float
-        Seconds between attempts.
-
-    Yields
-    ------
-    Path
-        ``path``.
-
-    Raises
-    ------
-    ScanFileError
-        If the lock is not obtained within ``timeout`` seconds.
-
-    Examples
-    --------
-    >>> import tempfile, pathlib
-    >>> with tempfile.TemporaryDirectory() as d:
-    ...     with locked(pathlib.Path(d) / "a.nxs") as p:
-    ...         p.with_name("a.nxs.lock").exists()
-    True
-    """
-    import fcntl
-
-    path = Path(path)
-    lock_path = path.with_name(path.name + ".lock")
-    deadline = time.monotonic() + timeout
-    while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            if time.monotonic() > deadline:
-                raise ScanFileError(
-                    f"timed out after {timeout:g} s waiting for the lock on {path}; if no "
-                    f"other nxrefine-bs process is writing it, delete {lock_path}"
-                ) from None
-            time.sleep(poll)
-            continue
-        # The holder before us may have removed the lock file: make sure ours is live.
-        try:
-            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-    try:
-        yield path
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock_path)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def update_scan_file(path: str | os.PathLike[str], mode: str = "r+") -> Iterator[h5py.File]:
-    """Open a scan file for writing while holding its :func:`locked` lock.
+def update_scan_file(
+    path: str | os.PathLike[str], mode: str = "r+", *, timeout: float | None = LOCK_TIMEOUT
+) -> Iterator[h5py.File]:
+    """Open a scan file for writing: locked (NXLock-compatible) and copy-on-write.
 
     Every writer of a scan file (the NeXus writer callback, the reduction steps, the
-    calibration) goes through this, so concurrent steps on different entries of the
-    same file never interleave their HDF5 writes.  The file is closed before the lock
-    is released.
+    calibration, masks and settings) goes through this, so concurrent writers never
+    interleave, NeXpy/NXRefine writers are respected, and a crash or a full disk at any
+    instant leaves the old or the new content (see :mod:`nxrefine_bs.nexus.safewrite`).
+    Readers holding the file open never block it.
     """
     if mode not in ("r+", "a"):
         raise ScanFileError(f"update_scan_file opens for writing only ('r+' or 'a'), not {mode!r}")
-    with locked(path), _open_retrying(Path(path), mode) as f:
+    with atomic_update(path, create=mode == "a", timeout=timeout) as f:
         yield f
 
 
@@ -327,6 +252,7 @@ def create_scan_file(
                     temperature_units=temperature_units,
                     parent_name=parent_name,
                 )
+            fsync_path(tmp)
             os.replace(tmp, scan_file)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -423,7 +349,9 @@ def set_parent(
         if parent_path is not None and scan_file.resolve() == parent_path.resolve():
             continue
         name = None if parent_path is None else _relative(parent_path, scan_file.parent)
-        with locked(scan_file), _open(scan_file, "r+") as f:
+        if not scan_file.is_file():
+            raise ScanFileError(f"scan file {scan_file} does not exist")
+        with update_scan_file(scan_file) as f:
             entry = f.get("entry")
             if not isinstance(entry, h5py.Group):
                 raise ScanFileError(f"{scan_file} has no /entry group")
