@@ -61,8 +61,9 @@ __all__ = [
     "copy_to_experiment",
     "update_settings",
     "resolve_parameters",
-    "read_parameters",
-    "write_parameters",
+    "parameter_spec",
+    "read_extra_settings",
+    "NXREFINE_ALIASES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -205,6 +206,22 @@ SCHEMA: tuple[SettingSpec, ...] = (
     _s("server", "type", str, "local", "executor: 'local' (threads) or 'dask'"),
     _s("server", "cores", int, 2, "simultaneous reduction jobs", check=_check_positive),
     _s("server", "dask_scheduler", str, "", "Dask scheduler address (type = dask)"),
+    _s(
+        "server",
+        "database",
+        str,
+        "",
+        "workflow database URL shared by every experiment, e.g. "
+        "postgresql://nxrefine@dbhost/nxrefine (empty: <experiment>/tasks/workflow.db)",
+    ),
+    _s(
+        "server",
+        "lease",
+        float,
+        300.0,
+        "seconds a running reduction task stays owned without a heartbeat",
+        check=_check_positive,
+    ),
     _s("server", "tiled_uri", str, "", "Tiled server URI for registering results"),
     # instrument: where data live
     _s("instrument", "source", str, None, "facility, e.g. CHESS", optional=True),
@@ -367,6 +384,68 @@ def read_settings(
     """
     path = Path(path)
     allowed = tuple(sections)
+    parser = _read_parser(path)
+    out = default_settings(allowed) if fill_defaults else {s: {} for s in allowed}
+    canonical: set[tuple[str, str]] = set()
+    for section in parser.sections():
+        if section not in allowed:
+            _warn_once(path, section, None, _unknown_reason(section, None, allowed))
+            continue
+        items = parser.items(section)
+        # canonical keys first, so that they win over NXRefine 0.1.1 aliases
+        items.sort(key=lambda kv: (section, kv[0]) in NXREFINE_ALIASES)
+        for key, text in items:
+            name = NXREFINE_ALIASES.get((section, key), key)
+            if (section, name) not in _BY_KEY:
+                _warn_once(path, section, key, _unknown_reason(section, key, allowed))
+                continue
+            if name != key:
+                if (section, name) in canonical:
+                    continue
+                logger.debug("%s: [%s] %s read as NXRefine's %s", path, section, key, name)
+            spec = _BY_KEY[(section, name)]
+            if (text is None or not text.strip()) and not spec.optional and spec.type is not str:
+                _warn_once(path, section, key, "is empty; the default applies")
+                continue
+            try:
+                out[section][name] = spec.parse(text)
+            except ValueError as exc:
+                raise SettingsError(
+                    f"{path}: [{section}] {key} = {text!r} is invalid ({exc}); "
+                    f"expected {spec.type_name}"
+                ) from None
+            canonical.add((section, name))
+    return out
+
+
+NXREFINE_ALIASES: dict[tuple[str, str], str] = {
+    ("nxreduce", "first"): "first_frame",
+    ("nxreduce", "last"): "last_frame",
+}
+"""NXRefine 0.1.1 names of settings that have another name here (``first``/``last``)."""
+
+_WARNED: set[tuple[str, str, str | None]] = set()
+
+
+def _warn_once(path: Path, section: str, key: str | None, reason: str) -> None:
+    """Log a warning about ``[section] key`` of ``path`` once per process."""
+    token = (str(Path(path).absolute()), section, key)
+    if token in _WARNED:
+        return
+    _WARNED.add(token)
+    what = f"[{section}]" if key is None else f"[{section}] {key}"
+    logger.warning("%s: %s %s", path, what, reason)
+
+
+def _unknown_reason(section: str, key: str | None, allowed: tuple[str, ...]) -> str:
+    if key is None:
+        where = "here" if section in SECTIONS else "by nxrefine-bs"
+        return f"is not used {where}; it is kept in the file (sections used: {', '.join(allowed)})"
+    valid = ", ".join(s.key for s in SCHEMA if s.section == section)
+    return f"is not used by nxrefine-bs; it is kept in the file (keys used: {valid})"
+
+
+def _read_parser(path: Path) -> configparser.ConfigParser:
     parser = _parser()
     try:
         with open(path, encoding="utf-8") as fh:
@@ -378,30 +457,42 @@ def read_settings(
     except configparser.Error as exc:
         msg = " ".join(str(exc).split())
         raise SettingsError(f"settings file {path} is not a valid INI file: {msg}") from exc
-    out = default_settings(allowed) if fill_defaults else {s: {} for s in allowed}
+    return parser
+
+
+def read_extra_settings(
+    path: str | os.PathLike[str], sections: Iterable[str] = SECTIONS
+) -> dict[str, dict[str, str | None]]:
+    """Entries of a settings file that nxrefine-bs does not use, as raw text.
+
+    These are kept when the file is rewritten (NXRefine's ``[server]`` keys
+    ``concurrent``, ``run_command``, ``template``, ``cctw``, its ``[nodes]`` and
+    ``[setup]`` sections, 0.1.1's ``first``/``last``/``qmin``/``qmax``...).  A bare key
+    has the value None.
+
+    Parameters
+    ----------
+    path : path-like
+        The INI file.
+    sections : iterable of str
+        Sections nxrefine-bs uses in this file; every other section is extra.
+    """
+    parser = _read_parser(Path(path))
+    allowed = tuple(sections)
+    out: dict[str, dict[str, str | None]] = {}
     for section in parser.sections():
-        if section not in allowed:
-            raise SettingsError(
-                f"{path}: unknown section [{section}]; allowed here: "
-                + ", ".join(f"[{s}]" for s in allowed)
-            )
         for key, text in parser.items(section):
-            try:
-                spec = get_spec(section, key)
-            except SettingsError as exc:
-                raise SettingsError(f"{path}: {exc}") from None
-            try:
-                out[section][key] = spec.parse(text)
-            except ValueError as exc:
-                raise SettingsError(
-                    f"{path}: [{section}] {key} = {text!r} is invalid ({exc}); "
-                    f"expected {spec.type_name}"
-                ) from None
+            if section in allowed and (section, key) in _BY_KEY:
+                continue
+            out.setdefault(section, {})[key] = text
     return out
 
 
 def _parser() -> configparser.ConfigParser:
-    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=None)
+    # allow_no_value: NXRefine writes an empty setting as a bare ``key`` line.
+    parser = configparser.ConfigParser(
+        interpolation=None, inline_comment_prefixes=None, allow_no_value=True
+    )
     parser.optionxform = str  # type: ignore[assignment,method-assign]  # keep case
     return parser
 
@@ -410,11 +501,15 @@ def write_settings(
     path: str | os.PathLike[str],
     values: Mapping[str, Mapping[str, Any]],
     sections: Iterable[str] = SECTIONS,
+    *,
+    extra: Mapping[str, Mapping[str, str | None]] | None = None,
 ) -> Path:
     """Write a complete, commented settings file.
 
     Keys missing from ``values`` get their schema defaults; every value is validated
     first, so a bad value never reaches the file.  The file is written atomically.
+    Entries nxrefine-bs does not use (``extra``, see :func:`read_extra_settings`) are
+    written back unchanged, bare keys as bare keys, so NXRefine still finds them.
 
     Parameters
     ----------
@@ -424,6 +519,8 @@ def write_settings(
         ``{section: {key: value}}``; sections not in ``sections`` are ignored.
     sections : iterable of str
         Sections to write, in order.
+    extra : mapping, optional
+        ``{section: {key: raw text or None}}`` kept from the file being replaced.
 
     Returns
     -------
@@ -432,6 +529,7 @@ def write_settings(
     """
     path = Path(path)
     sections = tuple(sections)
+    extra = extra or {}
     merged = default_settings(sections)
     for section, items in values.items():
         if section not in sections:
@@ -452,13 +550,29 @@ def write_settings(
                 lines.append(f"# {spec.doc} ({spec.type_name})")
                 text = format_value(merged[section][spec.key])
                 lines.append(f"{spec.key} = {text}".rstrip())
+        lines.extend(_extra_lines(extra.get(section, {})))
         lines.append("")
+    for section, items in extra.items():
+        if section not in sections:
+            lines.append(f"[{section}]")
+            lines.extend(_extra_lines(items))
+            lines.append("")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text("\n".join(lines), encoding="utf-8")
     os.replace(tmp, path)
     logger.debug("wrote settings file %s", path)
     return path
+
+
+def _extra_lines(items: Mapping[str, str | None]) -> list[str]:
+    """INI lines of kept entries (a bare key for None)."""
+    lines = []
+    for key, text in items.items():
+        if any(c in str(key) for c in "[]=:\n") or (text is not None and "\n" in text):
+            raise SettingsError(f"cannot keep setting {key!r} = {text!r}: not a single INI line")
+        lines.append(str(key) if text is None else f"{key} = {text}".rstrip())
+    return lines
 
 
 def init_server_settings(
@@ -553,18 +667,29 @@ def copy_to_experiment(
     Path
         The experiment settings file.
     """
+    extra: dict[str, dict[str, str | None]] = {}
     if source is not None:
         values = read_settings(source, SECTIONS)
+        extra = read_extra_settings(source, SECTIONS)
     else:
         default = server_settings_path()
         if default.is_file():
             values = read_settings(default, SECTIONS)
+            extra = read_extra_settings(default, SECTIONS)
         else:
             logger.info("no server settings file at %s; using built-in defaults", default)
             values = default_settings()
     for section, items in (overrides or {}).items():
         values.setdefault(section, {}).update(items)
-    return write_settings(experiment_settings_path(experiment_dir), values, EXPERIMENT_SECTIONS)
+    # NXRefine drops the server-only sections when it makes an experiment's copy.
+    extra = {k: v for k, v in extra.items() if k not in SERVER_ONLY_SECTIONS}
+    return write_settings(
+        experiment_settings_path(experiment_dir), values, EXPERIMENT_SECTIONS, extra=extra
+    )
+
+
+SERVER_ONLY_SECTIONS: tuple[str, ...] = ("server", "nodes", "setup")
+"""Sections of a server file that an experiment's copy leaves out (as NXRefine does)."""
 
 
 def update_settings(
@@ -599,6 +724,7 @@ def update_settings(
         sections = SECTIONS if _has_section(path, "server") else EXPERIMENT_SECTIONS
     sections = tuple(sections)
     values = read_settings(path, sections)
+    extra = read_extra_settings(path, sections)
     for name, value in assignments.items():
         section, dot, key = name.partition(".")
         if not dot or not section or not key:
@@ -613,7 +739,10 @@ def update_settings(
                 f"{path}: [{section}] {key} = {value!r} is invalid ({exc}); "
                 f"expected {spec.type_name}"
             ) from None
-    write_settings(path, values, sections)
+        for (sec, alias), canonical in NXREFINE_ALIASES.items():
+            if sec == section and canonical == key:  # the old name would contradict it
+                extra.get(section, {}).pop(alias, None)
+    write_settings(path, values, sections, extra=extra)
     return values
 
 
@@ -629,13 +758,14 @@ def _has_section(path: Path, section: str) -> bool:
 # --------------------------------------------------------------------------- parameters
 
 
-def _open_scan_file(scan_file: Path) -> Any:
-    from .nexus.scanfile import open_scan_file  # scanfile imports this module
+def parameter_spec(key: str) -> SettingSpec:
+    """The spec of reduction parameter ``key`` (an ``[nxreduce]`` key, ``qmin`` or ``qmax``).
 
-    return open_scan_file(scan_file)
-
-
-def _parameter_spec(key: str) -> SettingSpec:
+    Raises
+    ------
+    SettingsError
+        If ``key`` is not a reduction parameter (the message lists the valid ones).
+    """
     if key in FILE_ONLY_PARAMETERS:
         return FILE_ONLY_PARAMETERS[key]
     if key not in REDUCE_KEYS:
@@ -646,116 +776,24 @@ def _parameter_spec(key: str) -> SettingSpec:
     return _BY_KEY[("nxreduce", key)]
 
 
-def read_parameters(scan_file: str | os.PathLike[str]) -> dict[str, Any]:
-    """Return the parameters stored in ``scan_file``'s ``/entry/nxreduce`` group.
-
-    Unknown keys are ignored (logged); a missing group gives an empty dict.
-
-    Raises
-    ------
-    SettingsError
-        If the file cannot be read or a stored value has the wrong type.
-    """
-    import h5py
-
-    scan_file = Path(scan_file)
-    out: dict[str, Any] = {}
-    try:
-        with _open_scan_file(scan_file) as f:
-            group = f.get("entry/nxreduce")
-            if group is None:
-                return out
-            for key, item in group.items():
-                if not isinstance(item, h5py.Dataset):
-                    continue
-                try:
-                    spec = _parameter_spec(key)
-                except SettingsError:
-                    logger.debug("%s: ignoring /entry/nxreduce/%s", scan_file, key)
-                    continue
-                try:
-                    out[key] = spec.parse(item[()])
-                except ValueError as exc:
-                    raise SettingsError(
-                        f"{scan_file}: /entry/nxreduce/{key} is invalid ({exc}); "
-                        f"expected {spec.type_name}"
-                    ) from None
-    except OSError as exc:
-        raise SettingsError(f"cannot read parameters from {scan_file}: {exc}") from exc
-    return out
-
-
-def write_parameters(scan_file: str | os.PathLike[str], params: Mapping[str, Any]) -> None:
-    """Write reduction parameters to ``scan_file``'s ``/entry/nxreduce`` (NXparameters).
-
-    Existing values of the same keys are replaced; None values remove the key.
-
-    Raises
-    ------
-    SettingsError
-        On an unknown key or a value of the wrong type (nothing is written then).
-    """
-    import h5py
-
-    scan_file = Path(scan_file)
-    parsed: dict[str, Any] = {}
-    for key, value in params.items():
-        spec = _parameter_spec(key)
-        try:
-            parsed[key] = spec.parse(value)
-        except ValueError as exc:
-            raise SettingsError(
-                f"parameter {key} = {value!r} is invalid ({exc}); expected {spec.type_name}"
-            ) from None
-    try:
-        with h5py.File(scan_file, "r+") as f:
-            entry = f.require_group("entry")
-            entry.attrs.setdefault("NX_class", "NXentry")
-            group = entry.require_group("nxreduce")
-            group.attrs["NX_class"] = "NXparameters"
-            for key, value in parsed.items():
-                if key in group:
-                    del group[key]
-                if value is not None:
-                    group.create_dataset(key, data=value)
-    except OSError as exc:
-        raise SettingsError(f"cannot write parameters to {scan_file}: {exc}") from exc
-
-
-def _parent_scan_file(scan_file: Path) -> Path | None:
-    """Parent named by ``/entry/nxscans/parent`` (relative to the scan file's directory)."""
-    import h5py
-
-    try:
-        with _open_scan_file(scan_file) as f:
-            item = f.get("entry/nxscans/parent")
-            if not isinstance(item, h5py.Dataset):
-                return None
-            value = item[()]
-    except OSError as exc:
-        raise SettingsError(f"cannot read {scan_file}: {exc}") from exc
-    if isinstance(value, bytes):
-        value = value.decode()
-    value = str(value).strip()
-    if not value:
-        return None
-    return scan_file.parent / value
+_parameter_spec = parameter_spec
 
 
 def resolve_parameters(
     keys: Iterable[str] | None = None,
     *,
     explicit: Mapping[str, Any] | None = None,
-    scan_file: str | os.PathLike[str] | None = None,
+    file_layers: Iterable[tuple[str, Mapping[str, Any]]] = (),
     experiment_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Resolve reduction parameters from every settings layer.
 
-    Precedence, highest first: ``explicit`` values that are not None; the scan file's
-    own ``/entry/nxreduce``; the ``/entry/nxreduce`` of its parent scan file (named by
-    ``/entry/nxscans/parent``); the experiment's ``tasks/settings.ini [nxreduce]``; the
-    server settings file; the schema default.  Missing settings files are skipped;
-    invalid ones raise.
+    Precedence, highest first: ``explicit`` values that are not None; ``file_layers``
+    in order (the scan file's and its parent's stored parameters, read by
+    :func:`nxrefine_bs.nexus.nxreduce.resolve_parameters`, which is what reduction
+    steps call); the experiment's ``tasks/settings.ini [nxreduce]``; the server
+    settings file; the schema default.  Missing settings files are skipped; invalid
+    ones raise.
 
     Parameters
     ----------
@@ -763,10 +801,10 @@ def resolve_parameters(
         Parameters wanted (default: every ``[nxreduce]`` key).
     explicit : mapping, optional
         Values given by the caller (CLI options, plan arguments).
-    scan_file : path-like, optional
-        The scan file ``<sample>_<scan>.nxs``.
+    file_layers : iterable of (name, mapping)
+        Parameters stored in scan files, highest priority first.
     experiment_dir : path-like, optional
-        The experiment directory; defaults to three levels above ``scan_file``.
+        The experiment directory.
 
     Returns
     -------
@@ -801,21 +839,7 @@ def resolve_parameters(
                 ) from None
         layers.append(("explicit", parsed))
 
-    if scan_file is not None:
-        scan_file = Path(scan_file)
-        layers.append((str(scan_file), read_parameters(scan_file)))
-        parent = _parent_scan_file(scan_file)
-        if parent is not None:
-            if parent.is_file():
-                if parent.resolve() != scan_file.resolve():
-                    layers.append((str(parent), read_parameters(parent)))
-            else:
-                raise SettingsError(
-                    f"{scan_file}: parent scan file {parent} (from /entry/nxscans/parent) "
-                    "does not exist"
-                )
-        if experiment_dir is None:
-            experiment_dir = scan_file.absolute().parent.parent.parent
+    layers.extend(file_layers)
 
     if experiment_dir is not None:
         path = experiment_settings_path(experiment_dir)

@@ -131,9 +131,10 @@ def test_int32_accumulator_is_exact_beyond_2_31(tmp_path):
 
 
 def test_frame_range_clips():
-    assert frame_range(None, None, 50) == (0, 50)
+    # NXRefine's convention: frames first <= z < last; no last means nframes - 10
+    assert frame_range(None, None, 50) == (0, 40)
     assert frame_range(10, 3640, 50) == (10, 50)
-    assert frame_range(-5, None, 50) == (45, 50)
+    assert frame_range(-5, 50, 50) == (45, 50)
     assert frame_range(60, 70, 50) == (50, 50)
 
 

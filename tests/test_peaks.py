@@ -248,7 +248,7 @@ def test_negative_threshold_is_an_error(scan):
 def test_threshold_from_scan_file_settings_and_nxload(scan):
     from nexusformat.nexus import nxload
 
-    from nxrefine_bs.settings import write_parameters
+    from nxrefine_bs.nexus.nxreduce import write_parameters
 
     write_parameters(scan.scan_file, {"threshold": 500.0, "min_pixels": 2, "first_frame": 0})
     out = peaks.run(scan.scan_file, "f1")

@@ -9,12 +9,14 @@ server).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from ..errors import NXRefineBSError, ScanFileError
+from ..reduce.parameters import Parameter, parameters_of, split_parameters
 from ..reduce.steps import STEP_ORDER, get_step, run_step, step_entries
 
 logger = logging.getLogger(__name__)
@@ -37,14 +39,10 @@ def _common(p: argparse.ArgumentParser, *, per_entry: bool = True) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _frames(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-f", "--first", type=int, help="first frame used")
-    p.add_argument("-l", "--last", type=int, help="last frame used")
-
-
 def _run(args: argparse.Namespace, steps: list[str], params: dict[str, Any]) -> int:
     _check_scan_files(args.scan_files)
     params = {k: v for k, v in params.items() if v is not None}
+    per_step = split_parameters(steps, params)
     for scan_file in args.scan_files:
         for name in steps:
             for entry in step_entries(name, scan_file, getattr(args, "entries", None)):
@@ -54,19 +52,60 @@ def _run(args: argparse.Namespace, steps: list[str], params: dict[str, Any]) -> 
                     entry,
                     overwrite=args.overwrite,
                     progress=not args.no_progress,
-                    **params,
+                    **per_step[name],
                 )
                 text = json.dumps(summary, default=str, sort_keys=True)
                 print(f"{scan_file.name}:{entry} {name}: {text[:300]}")
     return 0
 
 
-def _grid(text: str) -> tuple[float, float, float]:
-    try:
-        lo, step, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MIN,STEP,MAX, got {text!r}") from None
-    return lo, step, hi
+STEP_HELP: dict[str, str] = {
+    "max": "find maximum: frame sums, radial sum, transmission",
+    "find": "3-D Bragg peak search",
+    "refine": "index and refine orientation, lattice, geometry",
+    "prepare": "3-D mask of Bragg-peak artefacts",
+    "transform": "transform rotations to (H, K, L)",
+    "combine": "merge the rotations' transforms",
+    "pdf": "3D-ΔPDF: Laue-symmetrise, taper, punch-and-fill, FFT",
+}
+
+
+def _option_type(param: Parameter) -> Any:
+    """An argparse ``type`` converting text with the parameter model's parser."""
+
+    def convert(text: str) -> Any:
+        try:
+            return param.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = param.kind  # argparse names the type in its error message
+    return convert
+
+
+def add_parameter_options(p: argparse.ArgumentParser, step: str) -> None:
+    """One option per parameter of ``step``'s model (unset options stay None)."""
+    for param in parameters_of(step):
+        if not param.cli:
+            continue
+        names = [*param.flags, param.option]
+        help_text = param.doc + (f" [settings: {param.setting}]" if param.setting else "")
+        if param.kind == "bool":
+            p.add_argument(
+                *names, dest=param.name, action=argparse.BooleanOptionalAction, help=help_text
+            )
+            continue
+        metavar = {"grid": "MIN,STEP,MAX", "names": "A,B,..."}.get(param.kind)
+        if param.kind == "grid":
+            help_text += f"; write {param.option}=-4,0.02,4 when MIN is negative"
+        p.add_argument(
+            *names, dest=param.name, type=_option_type(param), metavar=metavar, help=help_text
+        )
+
+
+def _cmd_step(name: str, args: argparse.Namespace) -> int:
+    params = {p.name: getattr(args, p.name, None) for p in parameters_of(name) if p.cli}
+    return _run(args, [name], params)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -86,60 +125,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="explicit step parameter, e.g. threshold=500 (repeatable)",
+        help="step parameter NAME=VALUE (or STEP.NAME=VALUE for one step), e.g. "
+        "threshold=500; repeatable; an unknown name is an error",
     )
     p.set_defaults(func=_cmd_reduce)
 
-    p = subparsers.add_parser("max", help="find maximum: frame sums, radial sum, transmission")
-    _common(p)
-    _frames(p)
-    p.add_argument("--qmin", type=float, help="inner radius of the transmission annulus (1/A)")
-    p.add_argument("--qmax", type=float, help="outer radius of the transmission annulus (1/A)")
-    p.set_defaults(func=lambda a: _run(a, ["max"], _pick(a, "first", "last", "qmin", "qmax")))
-
-    p = subparsers.add_parser("find", help="3-D Bragg peak search")
-    _common(p)
-    _frames(p)
-    p.add_argument("-t", "--threshold", type=float, help="peak threshold (counts)")
-    p.add_argument("-P", "--min-pixels", type=int, help="minimum peak size")
-    p.set_defaults(
-        func=lambda a: _run(a, ["find"], _pick(a, "first", "last", "threshold", "min_pixels"))
-    )
-
-    p = subparsers.add_parser("refine", help="index and refine orientation, lattice, geometry")
-    _common(p)
-    p.add_argument("-p", "--polar-max", type=float, help="largest 2-theta used (deg)")
-    p.add_argument("-T", "--hkl-tolerance", type=float, help="indexing tolerance")
-    p.set_defaults(func=lambda a: _run(a, ["refine"], _pick(a, "polar_max", "hkl_tolerance")))
-
-    p = subparsers.add_parser("prepare", help="3-D mask of Bragg-peak artefacts")
-    _common(p)
-    _frames(p)
-    for name in ("t1", "h1", "t2", "h2"):
-        p.add_argument(f"--{name}", type=float if name[0] == "t" else int)
-    p.set_defaults(
-        func=lambda a: _run(a, ["prepare"], _pick(a, "first", "last", "t1", "h1", "t2", "h2"))
-    )
-
-    p = subparsers.add_parser("transform", help="transform rotations to (H, K, L)")
-    _common(p)
-    _frames(p)
-    for axis in ("qh", "qk", "ql"):
-        p.add_argument(
-            f"--{axis}",
-            type=_grid,
-            metavar="MIN,STEP,MAX",
-            help=f"grid axis in r.l.u.; write --{axis}=-4,0.02,4 when MIN is negative",
+    for name in STEP_ORDER:
+        step = get_step(name)
+        p = subparsers.add_parser(
+            name, help=STEP_HELP.get(name, name), description=STEP_HELP.get(name, name)
         )
-    p.add_argument("-M", "--mask", action="store_true", help="apply the 3-D mask")
-    p.set_defaults(
-        func=lambda a: _run(a, ["transform"], _pick(a, "first", "last", "qh", "qk", "ql", "mask"))
-    )
-
-    p = subparsers.add_parser("combine", help="merge the rotations' transforms")
-    _common(p, per_entry=False)
-    p.add_argument("-M", "--mask", action="store_true", help="combine the masked transforms")
-    p.set_defaults(func=lambda a: _run(a, ["combine"], _pick(a, "mask")))
+        _common(p, per_entry=step.per_entry)
+        add_parameter_options(p, name)
+        p.set_defaults(func=functools.partial(_cmd_step, name))
 
     p = subparsers.add_parser(
         "lattice",
@@ -167,10 +165,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_plot_slice)
 
 
-def _pick(args: argparse.Namespace, *names: str) -> dict[str, Any]:
-    return {n: getattr(args, n, None) for n in names}
-
-
 def _cmd_reduce(args: argparse.Namespace) -> int:
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     for name in steps:
@@ -180,20 +174,13 @@ def _cmd_reduce(args: argparse.Namespace) -> int:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise NXRefineBSError(f"--set expects NAME=VALUE, got {item!r}")
-        params[key.strip()] = _number(value.strip())
+        step, dot, name = key.strip().partition(".")
+        if dot:  # STEP.NAME=VALUE: for that step only
+            params.setdefault(step, {})[name] = value.strip()
+        else:
+            params[key.strip()] = value.strip()
+    split_parameters(steps, params)  # a misspelled name fails before any work
     return _run(args, steps, params)
-
-
-def _number(text: str) -> Any:
-    if "," in text:  # a grid MIN,STEP,MAX or another list of numbers
-        values = [_number(v.strip()) for v in text.split(",")]
-        return tuple(values) if all(isinstance(v, int | float) for v in values) else text
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    return text
 
 
 def parse_lattice(
@@ -261,7 +248,7 @@ def _cmd_lattice(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot_slice(args: argparse.Namespace) -> int:
-    from ..reduce.transform import plot_slice
+    from ..plots import plot_slice
 
     if not args.transform_file.is_file():
         raise NXRefineBSError(f"transform file {args.transform_file} does not exist")

@@ -2,9 +2,12 @@
 
 ``queue`` hands scan files to a :class:`~nxrefine_bs.workflow.ReductionQueue` (threads
 in this process, or Dask), ``status`` draws the workflow grid (rows scans, columns
-steps), ``tasks`` lists task rows, ``retry`` re-queues failed tasks, ``cancel``
-un-queues tasks not started yet, ``sync`` rebuilds the database from the NXprocess
-records in the scan files.  ``nxrefine-bs queue`` is a shortcut for ``workflow queue``.
+steps) and the running tasks with their host and worker, ``tasks`` lists task rows,
+``retry`` re-submits failed tasks with their stored parameters, ``cancel`` un-queues
+tasks not started yet, ``reset`` returns stuck tasks to not-started, ``sync`` rebuilds
+the database from the NXprocess records in the scan files.  ``nxrefine-bs queue`` is a
+shortcut for ``workflow queue``.  The database is ``--db``, else ``[server] database``,
+else ``<experiment>/tasks/workflow.db``.
 """
 
 from __future__ import annotations
@@ -43,12 +46,12 @@ def _experiment_dir(args: argparse.Namespace, paths: list[str] | None = None) ->
 
 
 def _db(args: argparse.Namespace, paths: list[str] | None = None) -> Any:
-    from ..workflow.database import WorkflowDB
+    from ..workflow.config import open_experiment_db
 
     experiment = _experiment_dir(args, paths)
     if not experiment.is_dir():
         raise WorkflowError(f"experiment directory {experiment} does not exist")
-    return WorkflowDB(args.db or experiment, experiment_dir=experiment)
+    return open_experiment_db(experiment, url=args.db)
 
 
 def _split(values: list[str] | None) -> list[str] | None:
@@ -76,9 +79,12 @@ def _finish(queue: Any, jobs: list[Any], args: argparse.Namespace) -> int:
         return 0
     remote = getattr(executor, "remote", False)
     if not args.wait and remote:
-        queue.detach()
-        print(f"queued {len(jobs)} scan(s) on {executor.address}; follow with 'workflow status'")
-        executor.shutdown()
+        count = sum(len(j.tasks) for j in jobs)
+        print(
+            f"submitted {count} task(s) of {len(jobs)} scan(s) to {executor.address}; "
+            "they run without this client; follow with 'workflow status'"
+        )
+        queue.close()
         return 0
     if not args.wait:
         print(f"running {len(jobs)} scan(s) in this process (local executors cannot detach)")
@@ -109,19 +115,15 @@ def _console(args: argparse.Namespace) -> Any:
 
 
 def _cmd_queue(args: argparse.Namespace) -> int:
+    from ..reduce.parameters import split_parameters
+    from ..reduce.steps import STEP_ORDER
+    from ..workflow.params import parse_params
     from ..workflow.queue import ReductionQueue
 
     db = _db(args, args.paths)
-    params: dict[str, Any] = {}
-    for item in args.param or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise WorkflowError(f"--param {item!r}: expected KEY=VALUE")
-        step, dot, name = key.partition(".")
-        if dot:
-            params.setdefault(step, {})[name] = value
-        else:
-            params[key] = value
+    params: dict[str, Any] = parse_params(args.param or [], _split(args.steps))
+    # a misspelled or foreign parameter is an error naming the valid ones
+    split_parameters(_split(args.steps) or list(STEP_ORDER), params)
     queue = ReductionQueue(db, _executor(args), own_executor=True)
     jobs = queue.submit(
         args.paths,
@@ -134,12 +136,24 @@ def _cmd_queue(args: argparse.Namespace) -> int:
 
 
 def _cmd_retry(args: argparse.Namespace) -> int:
+    from ..workflow.params import parse_params
     from ..workflow.queue import ReductionQueue
 
     db = _db(args, args.paths)
+    params = parse_params(args.param or [], _split(args.steps))
     queue = ReductionQueue(db, _executor(args), own_executor=True)
-    jobs = queue.retry(args.paths or None, steps=_split(args.steps))
+    jobs = queue.retry(args.paths or None, steps=_split(args.steps), params=params)
     return _finish(queue, jobs, args)
+
+
+def _cmd_reset(args: argparse.Namespace) -> int:
+    db = _db(args, args.paths)
+    records = db.reset_tasks(stale_only=args.stale)
+    for rec in records:
+        where = f" ({rec.worker or '?'} on {rec.host or '?'})" if rec.host else ""
+        print(f"reset {rec.filename} {rec.entry} {rec.step}: was {rec.status.name.lower()}{where}")
+    print(f"{len(records)} task(s) reset")
+    return 0
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
@@ -159,16 +173,18 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:
+    from ..workflow.sync import sync_file, sync_from_files
+
     db = _db(args, args.paths)
     if args.paths:
         from ..workflow.queue import find_scan_files
 
         names = []
         for path in find_scan_files(args.paths):
-            db.sync_file(path)
+            sync_file(db, path)
             names.append(db.relative_name(path))
     else:
-        names = db.sync_from_files(prune=not args.keep)
+        names = sync_from_files(db, prune=not args.keep)
     print(f"synced {len(names)} scan file(s) into {db.url}")
     return 0
 
@@ -181,6 +197,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from ..workflow.queue import find_scan_files
 
     db = _db(args, args.paths)
+    for rec in db.expire_stale():
+        logger.warning(
+            "%s %s %s: lease expired (%s)", rec.filename, rec.entry, rec.step, rec.worker
+        )
     files = find_scan_files(args.paths) if args.paths else None
     grid = db.status_table(files)
     if not grid:
@@ -207,6 +227,24 @@ def _cmd_status(args: argparse.Namespace) -> int:
     console.print(table)
     legend = "  ".join(f"[{c}]{s}[/] {st.name.lower()}" for st, (s, c) in symbols.items())
     console.print(legend)
+    running = db.running()
+    if running:
+        table = Table(title="running", header_style="bold")
+        columns = ("scan file", "entry", "step", "host", "worker", "pid", "started", "lease until")
+        for col in columns:
+            table.add_column(col, overflow="fold")
+        for rec in running:
+            table.add_row(
+                rec.filename,
+                rec.entry,
+                rec.step,
+                rec.host or "",
+                rec.worker or "",
+                str(rec.pid or ""),
+                rec.start_time.strftime("%H:%M:%S") if rec.start_time else "",
+                rec.lease_expires.strftime("%H:%M:%S") if rec.lease_expires else "",
+            )
+        console.print(table)
     return 0
 
 
@@ -235,7 +273,7 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     symbols = status_symbols()
     table = Table(header_style="bold")
     table.add_column("scan file", no_wrap=True)
-    for col in ("entry", "step", "status", "started", "s", "host:pid", "message"):
+    for col in ("entry", "step", "status", "started", "s", "host:pid", "worker", "message"):
         table.add_column(col, overflow="fold")
     for rec in records:
         symbol, colour = symbols[rec.status]
@@ -250,6 +288,7 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
             started,
             duration,
             where,
+            rec.worker or "",
             rec.message or "",
         )
     console = _console(args)
@@ -310,14 +349,19 @@ def _queue_parser(sub: Any, name: str = "queue") -> None:
     )
     p.add_argument("-e", "--entries", action="append", help="comma-separated rotation entries")
     p.add_argument("-o", "--overwrite", action="store_true", help="redo steps already done")
+    _param_option(p)
+    _run_options(p)
+
+
+def _param_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-p",
         "--param",
         action="append",
         metavar="KEY=VALUE",
-        help="step parameter (STEP.KEY=VALUE for one step only); repeatable",
+        help="step parameter parsed as its command-line option is (STEP.KEY=VALUE for one "
+        "step only, e.g. transform.qh=-5,0.05,5); stored with the task and reused by retry",
     )
-    _run_options(p)
 
 
 def register(subparsers: Any) -> None:
@@ -343,10 +387,24 @@ def register(subparsers: Any) -> None:
     p.add_argument("-a", "--all", action="store_true", help="include not-started tasks")
     p.add_argument("--no-color", action="store_true", help="plain symbols")
 
-    p = _add(sub, "retry", _cmd_retry, "queue failed tasks again")
+    p = _add(sub, "retry", _cmd_retry, "submit failed tasks again with their stored parameters")
     _common(p)
     p.add_argument("-s", "--steps", action="append", help="only these steps")
+    _param_option(p)
     _run_options(p)
+
+    p = _add(
+        sub,
+        "reset",
+        _cmd_reset,
+        "return queued and running tasks to not-started (after a crash; see --stale)",
+    )
+    _common(p)
+    p.add_argument(
+        "--stale",
+        action="store_true",
+        help="only running tasks whose lease expired (their process is gone)",
+    )
 
     p = _add(sub, "cancel", _cmd_cancel, "cancel queued tasks that have not started")
     _common(p)

@@ -24,6 +24,7 @@ from typing import Any
 import bluesky.plan_stubs as bps
 from bluesky.utils import MsgGenerator
 
+from ..reduce.parameters import split_parameters
 from ..reduce.steps import STEP_ORDER, get_step, run_step, step_entries
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,10 @@ def reduce_scan(
     overwrite : bool
         Redo steps that are already done.
     **parameters
-        Explicit step parameters (``threshold=...``); unset ones come from settings.
+        Explicit step parameters (``threshold=...``), each given to the steps that have
+        it, or ``<step>={...}`` for one step only; unset ones come from settings.  A
+        name no step has raises :class:`~nxrefine_bs.reduce.parameters.ParameterError`
+        before any work is done.
 
     Returns
     -------
@@ -70,9 +74,11 @@ def reduce_scan(
     names = list(steps) if steps else list(STEP_ORDER)
     for name in names:
         get_step(name)  # validate every name before doing any work
+    # every parameter must belong to one of the steps (a typo is an error, not ignored)
+    per_step = split_parameters(names, parameters)
     results: dict[str, dict[str, Any]] = {}
     for name in names:
-        accepted = _accepted(name, parameters)
+        accepted = per_step[name]
         for entry in step_entries(name, scan_file, entries):
             work = functools.partial(
                 run_step, name, scan_file, entry, overwrite=overwrite, **accepted
@@ -85,14 +91,6 @@ def reduce_scan(
             yield from bps.wait_for([_work])
             results[f"{name}:{entry}"] = box["result"]
     return results
-
-
-def _accepted(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
-    """The subset of ``parameters`` that step ``name``'s function accepts."""
-    import inspect
-
-    sig = inspect.signature(get_step(name).load())
-    return {k: v for k, v in parameters.items() if k in sig.parameters}
 
 
 def find_maximum(

@@ -49,7 +49,8 @@ from tqdm import tqdm
 
 from ..errors import ReductionError
 from ..geometry import Geometry
-from ..nexus.h5tools import nx_group, read_field, write_field
+from ..nexus.h5tools import nx_group, write_field
+from ..nexus.monitors import read_monitor as _read_monitor
 from ..nexus.provenance import now_iso, record_process
 from ..nexus.scanfile import open_scan_file, update_scan_file
 from .framestream import (
@@ -406,42 +407,10 @@ def radial_sum(
 def read_monitor(entry: h5py.Group, monitor: str, norm: float, nframes: int) -> NDArray | None:
     """Per-frame monitor counts divided by ``norm`` and smoothed (inventory §5.9).
 
-    The monitor is ``entry/monitor/<monitor>`` (else the NXmonitor's signal, else
-    ``instrument/logs/<monitor>``); the first and last values are replaced by their
-    neighbours and the series is smoothed with a Savitzky-Golay filter (order 2,
-    window 501 above 1000 frames, 101 above 200, otherwise the whole length).
+    The one lookup every step uses: :func:`nxrefine_bs.nexus.monitors.read_monitor`.
     Returns None if there is no usable monitor.
     """
-    from scipy.signal import savgol_filter
-
-    values = None
-    group = entry.get("monitor")
-    candidates = [f"monitor/{monitor}", f"instrument/logs/{monitor}"]
-    if isinstance(group, h5py.Group) and "signal" in group.attrs:
-        sig = group.attrs["signal"]
-        sig = sig.decode() if isinstance(sig, bytes) else str(sig)
-        candidates.insert(1, f"monitor/{sig}")
-    for path in candidates:
-        v = read_field(entry, path)
-        if v is not None and np.ndim(v) == 1 and np.size(v) == nframes:
-            values = np.asarray(v, dtype=np.float64)
-            break
-    if values is None or nframes < 3 or not np.all(np.isfinite(values)):
-        return None
-    values = values.copy()
-    values[0], values[-1] = values[1], values[-2]
-    values /= norm
-    if nframes > 1000:
-        window = 501
-    elif nframes > 200:
-        window = 101
-    else:
-        window = nframes if nframes % 2 else nframes - 1
-    if window >= 3:
-        values = savgol_filter(values, window, 2)
-    if np.any(values <= 0):
-        return None
-    return values
+    return _read_monitor(entry, monitor, norm, nframes)
 
 
 def transmission(
@@ -483,7 +452,6 @@ def run(
     overwrite: bool = False,
     progress: bool = False,
     swmr: bool = False,
-    **_: Any,
 ) -> dict[str, Any]:
     """Run the ``max`` step (process ``nxmax``) on rotation entry ``entry``.
 
@@ -509,8 +477,6 @@ def run(
         Show a progress bar.
     swmr : bool
         Open the files in SWMR-read mode (data still being written).
-    **_
-        Other parameters (ignored, so that every step accepts the same set).
 
     Returns
     -------

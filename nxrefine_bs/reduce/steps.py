@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import WorkflowError
+from .parameters import parameters_of, validate_parameters
 
 __all__ = [
     "Step",
@@ -71,9 +72,9 @@ STEPS: dict[str, Step] = {
     s.name: s
     for s in (
         Step("max", "nxmax", "nxrefine_bs.reduce.maximum:run"),
-        Step("find", "nxfind", "nxrefine_bs.reduce.peaks:run"),
+        Step("find", "nxfind", "nxrefine_bs.reduce.peaks:run", requires=("max",)),
         Step("refine", "nxrefine", "nxrefine_bs.reduce.refine:run", requires=("find",)),
-        Step("prepare", "nxprepare_mask", "nxrefine_bs.reduce.mask3d:run"),
+        Step("prepare", "nxprepare_mask", "nxrefine_bs.reduce.mask3d:run", requires=("refine",)),
         Step("transform", "nxtransform", "nxrefine_bs.reduce.transform:run", requires=("refine",)),
         Step(
             "combine",
@@ -82,6 +83,7 @@ STEPS: dict[str, Step] = {
             per_entry=False,
             requires=("transform",),
         ),
+        Step("pdf", "nxpdf", "nxrefine_bs.reduce.pdf:run", per_entry=False, requires=("combine",)),
     )
 }
 
@@ -98,49 +100,33 @@ def get_step(name: str) -> Step:
         ) from None
 
 
-SETTING_ALIASES: dict[str, dict[str, str]] = {
-    "max": {"first_frame": "first", "last_frame": "last", "polarization": "polarization"},
-    "find": {
-        "threshold": "threshold",
-        "min_pixels": "min_pixels",
-        "first_frame": "first",
-        "last_frame": "last",
-    },
-    "refine": {"polar_max": "polar_max", "hkl_tolerance": "hkl_tolerance"},
-    "prepare": {
-        "mask_t1": "t1",
-        "mask_h1": "h1",
-        "mask_t2": "t2",
-        "mask_h2": "h2",
-        "first_frame": "first",
-        "last_frame": "last",
-    },
-    "transform": {"norm": "norm", "first_frame": "first", "last_frame": "last"},
-    "combine": {},
-}
-"""For each step: ``[nxreduce]`` settings key -> keyword argument of the step function."""
-
-
 def step_parameters(
     name: str, scan_file: str | os.PathLike[str], explicit: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Keyword arguments for step ``name``: explicit values over the settings layers.
 
-    Explicit values use the step function's argument names (``first``, ``threshold``,
-    ``t1``...); unset ones (None) are filled from the scan file, its parent, the
-    experiment's and the server's settings (see
-    :func:`nxrefine_bs.settings.resolve_parameters`).  Arguments that are not
-    settings (``qmin``, ``qh``...) pass through unchanged.
-    """
-    from ..settings import resolve_parameters
+    ``explicit`` uses the names of the step's parameter model
+    (:data:`nxrefine_bs.reduce.parameters.STEP_PARAMETERS`); each is checked and
+    converted to its type.  Parameters left unset (None) that have a settings key are
+    filled from the scan file, its parent, the experiment's and the server's settings
+    (:func:`nxrefine_bs.nexus.nxreduce.resolve_parameters`); the others keep the step
+    function's default.
 
-    aliases = SETTING_ALIASES.get(get_step(name).name, {})
-    explicit = {k: v for k, v in (explicit or {}).items() if v is not None}
-    reverse = {arg: key for key, arg in aliases.items()}
-    as_settings = {reverse[k]: v for k, v in explicit.items() if k in reverse}
-    resolved = resolve_parameters(aliases, explicit=as_settings, scan_file=scan_file)
-    params = {aliases[key]: value for key, value in resolved.items()}
-    params.update({k: v for k, v in explicit.items() if k not in reverse})
+    Raises
+    ------
+    ParameterError
+        On a name the step does not have (the message lists the valid ones) or a value
+        of the wrong type.
+    """
+    from ..nexus.nxreduce import resolve_parameters
+
+    step = get_step(name).name
+    params = validate_parameters(step, explicit or {})
+    settings = {p.setting: p.name for p in parameters_of(step) if p.setting}
+    given = {key: params.get(arg) for key, arg in settings.items()}
+    resolved = resolve_parameters(settings, explicit=given, scan_file=scan_file)
+    for key, arg in settings.items():
+        params[arg] = resolved[key]
     return params
 
 

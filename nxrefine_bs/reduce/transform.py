@@ -12,56 +12,72 @@ Accumulation (the CCTW semantics with ``--normalization 0``)::
     n[voxel] += w_frame(z) * P(x, y)
 
 with ``w_frame = smoothed monitor / norm x attenuator/filter transmission`` (1 without
-``norm``; 0 outside ``first .. last``) and ``P`` the pixel polarization factor (pyFAI
+``norm``; 0 outside ``[first, last)``) and ``P`` the pixel polarization factor (pyFAI
 convention).  ``v / n`` (where ``n > 0``) is then the normalised intensity
 ``S(Q) = <counts / (w_frame P)>`` averaged over every pixel that fell in the voxel.
 Pixels are skipped, contributing to neither array, when the pixel mask is set, the
 counts are negative (detector gaps, -1) or NaN, the frame weight is 0, the 3-D mask is
 set (masked transform), or the voxel lies outside the grid.
 
-Output: ``<scan>/fN_transform.nxs`` (``fN_masked_transform.nxs``) with
-``/entry/data/{v, n, Ql, Qk, Qh}`` (float32, ``[l, k, h]``, 50^3 chunks), linked from
-the scan file as ``fN/transform`` (``masked_transform``): ``data`` -> ``v``,
-``weights`` -> ``n``, axes ``Ql, Qk, Qh`` with ``scaling_factor`` c*, b*, a*
-(1/Angstrom including 2 pi) and attribute ``angles`` = (gamma*, beta*, alpha*).
-
-Frames are streamed in blocks; memory is the grid (``8 x voxels`` bytes) plus a few
-blocks of frames.  The kernel loops *row -> frame block -> pixel* so that consecutive
-updates hit neighbouring voxels (performance-baselines §2d).  With ``nthreads > 1`` the
-pixels are split into bands of equal ``Q`` component along the rotation axis - which
-the rotation does not change - separated by guard bands wider than one voxel, so the
-threads never write the same voxel; the guard pixels are added afterwards.
+The step is split over four modules: the numba kernel
+(:mod:`~nxrefine_bs.reduce.transform_kernel`), the grid accumulator and per-pixel
+geometry (:mod:`~nxrefine_bs.reduce.accumulator`), inputs and transform files
+(:mod:`~nxrefine_bs.reduce.transform_io`) and this one, which runs the step: it chooses
+and checks the grid (:func:`~nxrefine_bs.reduce.grid.grid_budget` states the grid,
+memory and output size and refuses a grid that does not fit), streams the frames (read
+ahead and decompressed in background threads, :mod:`~nxrefine_bs.reduce.framestream`)
+into the accumulator with one thread per core by default, and writes and links the
+result.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import h5py
-import numba
 import numpy as np
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from ..errors import DataLinkError, FileExistsNXError, ReductionError
-from ..geometry import Geometry, reciprocal_parameters
+from ..errors import FileExistsNXError, ReductionError
+from ..nexus.codecs import ChunkReader, ensure_plugins
 from ..nexus.geometry_io import read_cell, read_geometry, read_ub
-from ..nexus.h5tools import nx_group, read_field, write_external_link, write_field
+from ..nexus.h5tools import read_field, write_field
 from ..nexus.provenance import now_iso, process_done, record_process
 from ..nexus.scanfile import open_scan_file, update_scan_file
-from .grid import QGrid, make_grid
+from .accumulator import (
+    Accumulator,
+    frame_matrices,
+    pixel_hkl,
+    pixel_vectors,
+    polarization_factor,
+)
+from .framestream import available_cores, open_frames
+from .grid import grid_budget, make_grid
+from .transform_io import (
+    CHUNK,
+    _external_target,
+    _where,
+    frame_weights,
+    grid_chunks,
+    link_transform,
+    read_pixel_weight,
+    read_transform,
+    scan_directory,
+    write_transform_file,
+)
+from .transform_kernel import scatter_block
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "run",
+    "transform_threads",
     "Accumulator",
     "polarization_factor",
     "pixel_vectors",
@@ -70,633 +86,76 @@ __all__ = [
     "frame_weights",
     "read_transform",
     "write_transform_file",
-    "plot_slice",
+    "link_transform",
+    "read_pixel_weight",
+    "scan_directory",
+    "grid_chunks",
     "scatter_block",
-    "random_scatter",
+    "CHUNK",
 ]
 
 BLOCK_FRAMES = 16
 """Frames per block of the blocked kernel (performance-baselines §2d: 16-32)."""
 
-CHUNK = 50
-"""Output chunk edge (CCTW's 50^3)."""
+MAX_THREADS = 8
+"""Most kernel threads chosen by default."""
 
 
-# ----------------------------------------------------------------------------- kernels
-@numba.njit(cache=True, nogil=True, boundscheck=False)
-def scatter_block(
-    frames,
-    frame_weight,
-    mats,
-    offs,
-    sample_shift,
-    vec,
-    pixel_weight,
-    band,
-    which,
-    row0,
-    row1,
-    mask3d,
-    use_mask3d,
-    offset_mode,
-    inv_wavelength,
-    dims,
-    vn,
-):  # pragma: no cover - compiled
-    """Accumulate a block of frames into the interleaved ``(v, n)`` grid.
-
-    Parameters
-    ----------
-    frames : ndarray (nb, ny, nx)
-        Counts of any numeric dtype.
-    frame_weight : ndarray (nb,) float64
-        Frame weights; frames with weight <= 0 are skipped.
-    mats : ndarray (nb, 3, 3) float64
-        ``diag(1/step) (UB)^-1 G(phi)^T``: lab vector -> fractional voxel index.
-    offs : ndarray (nb, 3) float64
-        ``0.5 - start/step`` for (h, k, l), so that ``floor(mats @ q + offs)`` is the
-        nearest voxel.
-    sample_shift : ndarray (nb, 3) float64
-        ``G(phi) . (xs, ys, zs)`` (mm), used in offset mode only.
-    vec : ndarray (ny, nx, 3) float64
-        Lab scattering vector per pixel, or the sample-to-pixel vector in offset mode.
-    pixel_weight : ndarray (ny, nx) float32
-        Polarization x (1 - pixel mask); pixels with weight <= 0 are skipped.
-    band, which : ndarray (ny, nx) int8, int
-        Only pixels with ``band == which`` are visited unless ``which < 0``.
-    row0, row1 : int
-        Detector rows visited.
-    mask3d : ndarray (nb, ny, nx) int8
-        3-D mask, read only if ``use_mask3d``.
-    use_mask3d, offset_mode : bool
-    inv_wavelength : float
-        1 / lambda (offset mode).
-    dims : ndarray (3,) int64
-        ``(nh, nk, nl)``.
-    vn : ndarray (nl * nk * nh * 2,) float32
-        Flat interleaved grid: ``vn[2 i] = v``, ``vn[2 i + 1] = n``.
-
-    Returns
-    -------
-    (int, float)
-        Pixels added and the sum of their counts.
-    """
-    nb = frames.shape[0]
-    nx = frames.shape[2]
-    nh = dims[0]
-    nk = dims[1]
-    fh = np.float64(dims[0])
-    fk = np.float64(dims[1])
-    fl = np.float64(dims[2])
-    added = 0
-    total = 0.0
-    for y in range(row0, row1):
-        for f in range(nb):
-            wf = frame_weight[f]
-            if wf <= 0.0:
-                continue
-            m00 = mats[f, 0, 0]
-            m01 = mats[f, 0, 1]
-            m02 = mats[f, 0, 2]
-            m10 = mats[f, 1, 0]
-            m11 = mats[f, 1, 1]
-            m12 = mats[f, 1, 2]
-            m20 = mats[f, 2, 0]
-            m21 = mats[f, 2, 1]
-            m22 = mats[f, 2, 2]
-            o0 = offs[f, 0]
-            o1 = offs[f, 1]
-            o2 = offs[f, 2]
-            sx = sample_shift[f, 0]
-            sy = sample_shift[f, 1]
-            sz = sample_shift[f, 2]
-            for x in range(nx):
-                wp = pixel_weight[y, x]
-                if wp <= 0.0:
-                    continue
-                if which >= 0 and band[y, x] != which:
-                    continue
-                c = frames[f, y, x]
-                if not (c >= 0):  # detector gaps (-1) and NaN
-                    continue
-                if use_mask3d and mask3d[f, y, x] != 0:
-                    continue
-                qx = vec[y, x, 0]
-                qy = vec[y, x, 1]
-                qz = vec[y, x, 2]
-                if offset_mode:
-                    dx = qx - sx
-                    dy = qy - sy
-                    dz = qz - sz
-                    r = inv_wavelength / math.sqrt(dx * dx + dy * dy + dz * dz)
-                    qx = dx * r - inv_wavelength
-                    qy = dy * r
-                    qz = dz * r
-                uh = m00 * qx + m01 * qy + m02 * qz + o0
-                uk = m10 * qx + m11 * qy + m12 * qz + o1
-                ul = m20 * qx + m21 * qy + m22 * qz + o2
-                # truncation == floor for the non-negative values kept
-                if uh < 0.0 or uk < 0.0 or ul < 0.0 or uh >= fh or uk >= fk or ul >= fl:
-                    continue
-                idx = ((np.int64(ul) * nk + np.int64(uk)) * nh + np.int64(uh)) * 2
-                cf = np.float32(c)
-                vn[idx] += cf
-                vn[idx + 1] += np.float32(wf * wp)
-                added += 1
-                total += cf
-    return added, total
+def transform_threads(nthreads: int | None = None) -> int:
+    """Kernel threads: ``nthreads`` if given (>= 1), else one per available core (max 8)."""
+    if nthreads is None or int(nthreads) <= 0:
+        return min(MAX_THREADS, available_cores())
+    return int(nthreads)
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False)
-def random_scatter(index, values, weights, vn):  # pragma: no cover - compiled
-    """Benchmark yardstick: ``vn[2 i] += value``, ``vn[2 i + 1] += weight`` at given ``i``."""
-    for j in range(index.shape[0]):
-        i = index[j] * 2
-        vn[i] += values[j]
-        vn[i + 1] += weights[j]
-    return index.shape[0]
-
-
-# ----------------------------------------------------------------------------- geometry
-def polarization_factor(geometry: Geometry, factor: float = 0.99) -> NDArray[np.float32]:
-    """pyFAI polarization factor of every pixel (float32, shape ``geometry.shape``).
-
-    ``P = (1 + cos^2 2t - f cos 2chi sin^2 2t) / 2`` with ``chi`` the azimuth measured
-    from the horizontal lab axis +Y, i.e. ``P = 1 - (1+f)/2 s_y^2 - (1-f)/2 s_z^2`` for
-    the unit diffracted direction ``s``.  ``f = 0.99``: 99.5 % horizontally polarized.
-    """
-    ny, nx = geometry.shape
-    yy, xx = np.mgrid[0:ny, 0:nx]
-    s = geometry.pixel_vectors(xx, yy)
-    s /= np.linalg.norm(s, axis=-1, keepdims=True)
-    p = 1.0 - 0.5 * (1.0 + factor) * s[..., 1] ** 2 - 0.5 * (1.0 - factor) * s[..., 2] ** 2
-    return p.astype(np.float32)
-
-
-def _has_offset(geometry: Geometry) -> bool:
-    return bool(geometry.xs or geometry.ys or geometry.zs)
-
-
-def pixel_vectors(geometry: Geometry) -> NDArray[np.float64]:
-    """Per-pixel vectors used by the kernel, shape ``(ny, nx, 3)``.
-
-    The lab scattering vector ``(s_hat - x_hat) / lambda`` (1/Angstrom) without a sample
-    offset; the sample-to-pixel vector in mm (normalised per frame) with one.
-    """
-    ny, nx = geometry.shape
-    yy, xx = np.mgrid[0:ny, 0:nx]
-    if _has_offset(geometry):
-        return np.ascontiguousarray(geometry.pixel_vectors(xx, yy))
-    return np.ascontiguousarray(geometry.pixel_q_lab(xx, yy))
-
-
-def frame_matrices(
-    geometry: Geometry, ub: NDArray[np.float64], grid: QGrid, frames: NDArray[Any]
-) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
-    """Per-frame kernel constants for frame indices ``frames``.
-
-    Returns
-    -------
-    mats : ndarray (nf, 3, 3)
-        ``diag(1/step) @ inv(UB) @ G(phi)^T``.
-    offs : ndarray (nf, 3)
-        ``0.5 - start/step``.
-    shift : ndarray (nf, 3)
-        ``G(phi) @ (xs, ys, zs)`` (mm).
-    """
-    z = np.asarray(frames, dtype=np.float64)
-    g = geometry.goniometer(geometry.phi(z))
-    inv_ub = np.linalg.inv(np.asarray(ub, dtype=np.float64))
-    scale = 1.0 / grid.steps
-    mats = np.einsum("i,ij,fkj->fik", scale, inv_ub, g)
-    offs = np.broadcast_to(0.5 - grid.origin * scale, (len(z), 3)).copy()
-    shift = np.einsum("fij,j->fi", g, np.array([geometry.xs, geometry.ys, geometry.zs]))
-    return np.ascontiguousarray(mats), offs, np.ascontiguousarray(shift)
-
-
-def pixel_hkl(
-    geometry: Geometry, ub: NDArray[np.float64], x: Any, y: Any, z: Any
-) -> NDArray[np.float64]:
-    """Miller indices of pixel positions computed the way the transform kernel does.
-
-    Uses the same per-pixel vectors and per-frame matrices as the kernel (with a unit
-    grid), so it checks the kernel's mapping against :meth:`Geometry.pixel_to_hkl`.
-    """
-    x, y, z = np.broadcast_arrays(np.asarray(x, float), np.asarray(y, float), np.asarray(z, float))
-    unit = make_grid(geometry, (1, 1, 1, 90, 90, 90), qh=(0, 1, 0), qk=(0, 1, 0), ql=(0, 1, 0))
-    mats, _, shift = frame_matrices(geometry, ub, unit, z.ravel())
-    if _has_offset(geometry):
-        s = geometry.pixel_vectors(x, y).reshape(-1, 3) - shift
-        s /= np.linalg.norm(s, axis=1, keepdims=True)
-        s[:, 0] -= 1.0
-        q = s / geometry.wavelength
-    else:
-        q = geometry.pixel_q_lab(x, y).reshape(-1, 3)
-    return np.einsum("fij,fj->fi", mats, q).reshape(x.shape + (3,))
-
-
-# ----------------------------------------------------------------------------- accumulator
-class Accumulator:
-    """An interleaved float32 ``(v, n)`` grid and the per-pixel data of one rotation.
-
-    Parameters
-    ----------
-    grid : QGrid
-        Output grid.
-    geometry : Geometry
-        Geometry of the rotation.
-    ub : ndarray (3, 3)
-        Orientation matrix ``U B``.
-    pixel_weight : ndarray (ny, nx)
-        Polarization x (1 - pixel mask); 0 excludes a pixel.
-    nthreads : int
-        Threads (race-free bands, see the module docstring); 1 = serial.
-    vn : ndarray, optional
-        Existing flat float32 array of ``2 * grid.size`` to accumulate into (reused
-        between calls, e.g. by the benchmark); allocated zeroed if omitted.
-    """
-
-    def __init__(
-        self,
-        grid: QGrid,
-        geometry: Geometry,
-        ub: NDArray[np.float64],
-        pixel_weight: NDArray[Any],
-        *,
-        nthreads: int = 1,
-        vn: NDArray[np.float32] | None = None,
-    ) -> None:
-        self.grid = grid
-        self.geometry = geometry
-        self.ub = np.asarray(ub, dtype=np.float64)
-        if tuple(pixel_weight.shape) != tuple(geometry.shape):
-            raise ReductionError(
-                f"pixel weights shape {pixel_weight.shape} != detector shape {geometry.shape}"
-            )
-        self.pixel_weight = np.ascontiguousarray(pixel_weight, dtype=np.float32)
-        self.vec = pixel_vectors(geometry)
-        self.offset_mode = _has_offset(geometry)
-        self.dims = grid.counts.astype(np.int64)
-        if vn is None:
-            vn = np.zeros(2 * grid.size, dtype=np.float32)
-        elif vn.dtype != np.float32 or vn.size != 2 * grid.size:
-            raise ReductionError(f"accumulator array must be float32 of size {2 * grid.size}")
-        self.vn = vn.reshape(-1)
-        self.added = 0
-        self.total = 0.0
-        self._dummy_mask = np.zeros((1, 1, 1), dtype=np.int8)
-        self.nthreads = max(1, int(nthreads))
-        if self.nthreads > 1 and self.offset_mode:
-            logger.info("sample offset set: Q along the axis is not invariant; using 1 thread")
-            self.nthreads = 1
-        self._pool: ThreadPoolExecutor | None = None
-        ny = geometry.shape[0]
-        self.band = np.zeros(geometry.shape, dtype=np.int8)
-        self._bands: list[tuple[int, int, int]] = [(-1, 0, ny)]
-        if self.nthreads > 1:
-            self._make_bands()
-
-    # -------------------------------------------------------------- threads
-    def _make_bands(self) -> None:
-        """Split pixels into ``nthreads`` bands of the invariant ``Q`` along the axis."""
-        g = self.geometry
-        axis_lab = g.goniometer_base[:, 2]
-        t = np.einsum("yxi,i->yx", self.vec, axis_lab)  # (Gbase^T q)_z, phi-invariant
-        extent = float(np.abs(self.ub[2]) @ self.grid.steps)  # a voxel's extent along t
-        guard = 1.05 * extent + 1e-9
-        good = self.pixel_weight > 0
-        splits = np.quantile(t[good], np.linspace(0, 1, self.nthreads + 1)[1:-1])
-        band = np.searchsorted(splits, t).astype(np.int8)
-        near = np.zeros(t.shape, dtype=bool)
-        for s in splits:
-            near |= np.abs(t - s) < guard
-        band[near] = self.nthreads  # guard band, added serially afterwards
-        self.band = band
-        self._bands = []
-        for b in range(self.nthreads + 1):
-            rows = np.nonzero(((band == b) & good).any(axis=1))[0]
-            if rows.size:
-                self._bands.append((b, int(rows[0]), int(rows[-1]) + 1))
-        self._pool = ThreadPoolExecutor(max_workers=self.nthreads, thread_name_prefix="transform")
-        logger.debug(
-            "transform bands: %d threads, guard %.3g 1/A, %.2f%% guard pixels",
-            self.nthreads,
-            guard,
-            100.0 * near[good].mean(),
-        )
-
-    def close(self) -> None:
-        """Shut the thread pool down."""
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-
-    def __enter__(self) -> Accumulator:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -------------------------------------------------------------- accumulate
-    def add(
-        self,
-        frames: NDArray[Any],
-        start: int,
-        frame_weight: NDArray[np.float64],
-        mask3d: NDArray[np.int8] | None = None,
-    ) -> int:
-        """Add a block of consecutive frames whose first frame index is ``start``.
-
-        Returns the number of pixels added.
-        """
-        nb = frames.shape[0]
-        mats, offs, shift = frame_matrices(
-            self.geometry, self.ub, self.grid, np.arange(start, start + nb)
-        )
-        fw = np.ascontiguousarray(frame_weight[:nb], dtype=np.float64)
-        use_mask = mask3d is not None
-        m3 = mask3d if mask3d is not None else self._dummy_mask
-        args = (
-            frames,
-            fw,
-            mats,
-            offs,
-            shift,
-            self.vec,
-            self.pixel_weight,
-            self.band,
-        )
-        tail = (
-            m3,
-            use_mask,
-            self.offset_mode,
-            1.0 / self.geometry.wavelength,
-            self.dims,
-            self.vn,
-        )
-
-        def one(b: int, r0: int, r1: int) -> tuple[int, float]:
-            return scatter_block(*args, b, r0, r1, *tail)
-
-        results: list[tuple[int, float]] = []
-        if self._pool is None:
-            results.append(one(*self._bands[0]))
-        else:
-            parallel = [bd for bd in self._bands if bd[0] < self.nthreads]
-            futures = [self._pool.submit(one, *bd) for bd in parallel]
-            results.extend(fu.result() for fu in futures)
-            results.extend(one(*bd) for bd in self._bands if bd[0] == self.nthreads)
-        added = sum(r[0] for r in results)
-        self.added += added
-        self.total += sum(r[1] for r in results)
-        return added
-
-    # -------------------------------------------------------------- results
-    @property
-    def grid4(self) -> NDArray[np.float32]:
-        """The grid as ``(nl, nk, nh, 2)``."""
-        return self.vn.reshape(self.grid.shape + (2,))
-
-    @property
-    def v(self) -> NDArray[np.float32]:
-        """Signal ``v`` as a strided ``(nl, nk, nh)`` view."""
-        return self.grid4[..., 0]
-
-    @property
-    def n(self) -> NDArray[np.float32]:
-        """Weights ``n`` as a strided ``(nl, nk, nh)`` view."""
-        return self.grid4[..., 1]
-
-
-# ----------------------------------------------------------------------------- inputs
-def _where(scan_file: Path, entry: str) -> str:
-    return f"{scan_file}:/{entry}"
-
-
-def _savgol_window(n: int) -> int:
-    if n > 1000:
-        w = 501
-    elif n > 200:
-        w = 101
-    else:
-        w = n if n % 2 else n - 1
-    return w
-
-
-def frame_weights(
-    entry: h5py.Group,
-    n_frames: int,
-    *,
-    norm: float | None = None,
-    first: int | None = None,
-    last: int | None = None,
-) -> NDArray[np.float64]:
-    """Per-frame weights: smoothed monitor / ``norm`` x transmission; 0 outside first..last.
-
-    The monitor is the signal of ``entry/monitor`` (NXRefine §5.9): its first and last
-    values are replaced by their neighbours, it is divided by ``norm`` and smoothed with
-    a Savitzky-Golay filter (order 2; window 501 above 1000 frames, 101 above 200, else
-    the whole length).  Without ``norm`` the monitor is not used.  Transmissions are
-    ``instrument/attenuator/attenuator_transmission`` and ``instrument/filter/transmission``
-    (scalars or per frame) when present.
-    """
-    w = np.ones(n_frames, dtype=np.float64)
-    if norm is not None:
-        mon = None
-        grp = entry.get("monitor")
-        if isinstance(grp, h5py.Group):
-            signal = grp.attrs.get("signal")
-            if isinstance(signal, bytes):
-                signal = signal.decode()
-            if signal is not None and signal in grp:
-                mon = np.asarray(grp[signal][()], dtype=np.float64).ravel()
-        if mon is None or mon.size != n_frames:
-            logger.warning(
-                "%s:%s has no usable monitor (%s values for %d frames); not normalising",
-                entry.file.filename,
-                entry.name,
-                None if mon is None else mon.size,
-                n_frames,
-            )
-        else:
-            mon = mon.copy()
-            if n_frames > 2:
-                mon[0], mon[-1] = mon[1], mon[-2]
-            mon /= float(norm)
-            win = _savgol_window(n_frames)
-            if win >= 3:
-                from scipy.signal import savgol_filter
-
-                mon = savgol_filter(mon, win, 2)
-            w *= mon
-    for path in ("instrument/attenuator/attenuator_transmission", "instrument/filter/transmission"):
-        t = read_field(entry, path)
-        if t is None:
-            continue
-        t = np.asarray(t, dtype=np.float64).ravel()
-        if t.size == 1 or t.size == n_frames:
-            w *= t if t.size == n_frames else float(t[0])
-        else:
-            logger.warning("%s has %d values for %d frames; ignored", path, t.size, n_frames)
-    lo, hi = _frame_range(entry, n_frames, first, last)
-    w[:lo] = 0.0
-    w[hi + 1 :] = 0.0
-    return w
-
-
-def _frame_range(
-    entry: h5py.Group, n_frames: int, first: int | None, last: int | None
-) -> tuple[int, int]:
-    data = entry.get("data")
-    if first is None and data is not None and "first" in data.attrs:
-        first = int(data.attrs["first"])
-    if last is None and data is not None and "last" in data.attrs:
-        last = int(data.attrs["last"])
-    lo = 0 if first is None else max(0, int(first))
-    hi = n_frames - 1 if last is None else min(n_frames - 1, int(last))
-    if hi < lo:
-        raise ReductionError(
-            f"{entry.file.filename}:{entry.name}: empty frame range first={lo} last={hi}"
-        )
-    return lo, hi
-
-
-def scan_directory(scan_file: Path, raw_file: Path | None = None) -> Path:
-    """The scan directory ``<label>/<scan>`` that holds derived files (created if needed).
-
-    Derived from the scan-file name ``<sample>_<scan>.nxs``; if the file is not in an
-    experiment tree, the directory of the raw data (or of the scan file) is used.
-    """
-    from ..errors import ExperimentError
-    from ..experiment import ScanPaths
-
-    try:
-        path = ScanPaths.from_scan_file(scan_file).scan_dir
-    except ExperimentError:
-        path = raw_file.parent if raw_file is not None else scan_file.parent
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _external_target(scan_file: Path, group: h5py.Group, name: str) -> tuple[Path, str]:
-    """Resolve the (relative) external link ``group[name]`` to ``(file, path)``."""
-    link = group.get(name, getlink=True)
-    if not isinstance(link, h5py.ExternalLink):
-        raise DataLinkError(
-            f"{scan_file}:{group.name}/{name} is not an external link to detector data"
-        )
-    target = Path(link.filename)
-    if not target.is_absolute():
-        target = scan_file.parent / target
-    if not target.exists():
-        raise DataLinkError(
-            f"{scan_file}:{group.name}/{name} points at missing file {target}; "
-            "check that the scan directory sits next to the scan file"
-        )
-    return target, link.path
-
-
-def read_pixel_weight(entry: h5py.Group, geometry: Geometry, polarization: float) -> NDArray[Any]:
-    """Polarization factor x (1 - pixel mask) of every pixel (float32)."""
-    det = entry["instrument/detector"]
-    pol = read_field(det, "polarization")
-    if pol is not None and np.shape(pol) == tuple(geometry.shape):
-        p = np.asarray(pol, dtype=np.float32)
-    else:
-        p = polarization_factor(geometry, polarization)
-    mask = read_field(det, "pixel_mask")
-    if mask is not None and np.shape(mask) == tuple(geometry.shape):
-        p = np.where(np.asarray(mask) != 0, np.float32(0), p).astype(np.float32)
-    return p
-
-
-# ----------------------------------------------------------------------------- output
-def _axis_attrs(name: str, scaling: float) -> dict[str, Any]:
-    return {"long_name": f"{name.upper()} (r.l.u.)", "scaling_factor": scaling, "units": "rlu"}
-
-
-def write_transform_file(
-    path: Path,
-    grid: QGrid,
-    acc: Accumulator | None,
-    *,
-    arrays: dict[str, NDArray[np.float32]] | None = None,
-    signal: str = "v",
+def _accumulate(
+    acc: Accumulator,
+    scan_file: Path,
+    entry: str,
+    mask_file: Path | None,
+    mask_path: str,
+    weights: NDArray[np.float64],
+    lo: int,
+    hi: int,
+    block_frames: int,
+    progress: bool,
 ) -> None:
-    """Write ``/entry/data/{v, n, Ql, Qk, Qh}`` (plus any extra ``arrays``) atomically.
+    """Stream frames ``[lo, hi)`` (and their 3-D mask) into ``acc`` in blocks.
 
-    ``acc`` supplies ``v`` and ``n`` from its interleaved grid, slab by slab.
+    Frames come from :func:`open_frames` (read ahead, decompressed in background
+    threads); a block of ``block_frames`` frames is assembled for the kernel.
     """
-    tmp = path.with_name(path.name + ".part")
-    shape = grid.shape
-    chunks = tuple(min(CHUNK, s) for s in shape)
-    with h5py.File(tmp, "w") as f:
-        f.attrs["default"] = "entry"
-        entry = nx_group(f, "entry", "NXentry")
-        entry.attrs["default"] = "data"
-        data = nx_group(entry, "data", "NXdata")
-        data.attrs["signal"] = signal
-        data.attrs["axes"] = ["Ql", "Qk", "Qh"]
-        for ax in reversed(grid.axes):
-            write_field(data, f"Q{ax.name}", ax.values, attrs={"long_name": f"{ax.name.upper()}"})
-        if acc is not None:
-            dv = data.create_dataset("v", shape=shape, dtype=np.float32, chunks=chunks)
-            dn = data.create_dataset("n", shape=shape, dtype=np.float32, chunks=chunks)
-            g4 = acc.grid4
-            for l0 in range(0, shape[0], chunks[0]):
-                l1 = min(shape[0], l0 + chunks[0])
-                dv[l0:l1] = np.ascontiguousarray(g4[l0:l1, :, :, 0])
-                dn[l0:l1] = np.ascontiguousarray(g4[l0:l1, :, :, 1])
-        for name, arr in (arrays or {}).items():
-            data.create_dataset(name, data=arr, chunks=chunks)
-    os.replace(tmp, path)
-
-
-def link_transform(
-    fe: h5py.Group,
-    group: str,
-    target: Path,
-    grid: QGrid,
-    cell: Sequence[float],
-    *,
-    signal_path: str = "/entry/data/v",
-    weights_path: str = "/entry/data/n",
-    title: str | None = None,
-) -> h5py.Group:
-    """Create ``fe/<group>`` NXdata linking a transform file (NXRefine layout)."""
-    if group in fe:
-        del fe[group]
-    grp = nx_group(fe, group, "NXdata")
-    write_external_link(grp, "data", target, signal_path)
-    write_external_link(grp, "weights", target, weights_path)
-    ast, bst, cst, alst, best, gast = reciprocal_parameters(*cell)
-    scal = {"h": 2 * math.pi * ast, "k": 2 * math.pi * bst, "l": 2 * math.pi * cst}
-    for ax in reversed(grid.axes):
-        write_field(grp, f"Q{ax.name}", ax.values, attrs=_axis_attrs(ax.name, scal[ax.name]))
-    grp.attrs["signal"] = "data"
-    grp.attrs["axes"] = ["Ql", "Qk", "Qh"]
-    grp.attrs["angles"] = np.array([gast, best, alst])
-    if title:
-        write_field(grp, "title", title)
-    return grp
-
-
-def read_transform(path: str | os.PathLike[str]) -> tuple[QGrid, h5py.File]:
-    """Open a transform file; return its grid and the open file (caller closes it)."""
-    from .grid import GridAxis
-
-    f = h5py.File(path, "r")
+    ny, nx = acc.geometry.shape
+    mf = h5py.File(mask_file, "r") if mask_file is not None else None
     try:
-        data = f["entry/data"]
-        axes = []
-        for name in ("h", "k", "l"):
-            vals = np.asarray(data[f"Q{name}"][()], dtype=np.float64)
-            step = float(vals[1] - vals[0]) if vals.size > 1 else 1.0
-            axes.append(GridAxis(name, float(vals[0]), step, int(vals.size)))
-    except (KeyError, IndexError) as exc:
-        f.close()
-        raise ReductionError(f"{path} is not a transform file ({exc})") from exc
-    return QGrid(*axes), f
+        mreader = ChunkReader(mf[mask_path]) if mf is not None else None
+        with open_frames(scan_file, entry) as stream:
+            buf = np.empty((block_frames, ny, nx), dtype=stream.dtype)
+            mbuf = np.empty((block_frames, ny, nx), dtype=np.int8) if mreader else None
+            filled, b0 = 0, lo
+            with tqdm(
+                total=hi - lo, disable=not progress, desc=f"{entry} transform", unit="frame"
+            ) as bar:
+                for start, block in stream.blocks(lo, hi):
+                    k = block.shape[0]
+                    pos = 0
+                    while pos < k:
+                        take = min(k - pos, block_frames - filled)
+                        buf[filled : filled + take] = block[pos : pos + take]
+                        filled += take
+                        pos += take
+                        if filled == block_frames or start + pos == hi:
+                            m3 = None
+                            if mreader is not None and mbuf is not None:
+                                mreader.read(mbuf, b0, b0 + filled)
+                                m3 = mbuf[:filled]
+                            acc.add(buf[:filled], b0, weights[b0 : b0 + filled], m3)
+                            bar.update(filled)
+                            b0 += filled
+                            filled = 0
+    finally:
+        if mf is not None:
+            mf.close()
 
 
 # ----------------------------------------------------------------------------- step
@@ -711,9 +170,11 @@ def run(
     first: int | None = None,
     last: int | None = None,
     norm: float | None = None,
+    monitor: str | None = None,
     polarization: float = 0.99,
-    nthreads: int = 1,
+    nthreads: int | None = None,
     block_frames: int = BLOCK_FRAMES,
+    compression: str | None = None,
     overwrite: bool = False,
     progress: bool = False,
     **_: Any,
