@@ -12,6 +12,7 @@ from nxrefine_bs.errors import WorkflowError
 from nxrefine_bs.nexus.provenance import record_process
 from nxrefine_bs.simulation.scan import make_simulated_scan
 from nxrefine_bs.workflow.database import Status, WorkflowDB, aggregate_status
+from nxrefine_bs.workflow.sync import registry_layout, sync_from_files
 
 S = Status
 
@@ -52,7 +53,7 @@ def test_lifecycle_and_queries(tmp_path):
     db = WorkflowDB(tmp_path)
     assert db.url == f"sqlite:///{tmp_path}/tasks/workflow.db"
     scan = tmp_path / "si" / "xtal1" / "si_300K.nxs"
-    name = db.register_scan(scan, ["f1", "f2"])
+    name = db.register_scan(scan, ["f1", "f2"], steps=registry_layout())
     assert name == "si/xtal1/si_300K.nxs"
     table = db.status(scan)
     assert set(table["max"]) == {"f1", "f2"} and set(table["combine"]) == {"entry"}
@@ -114,13 +115,13 @@ def test_sync_from_files(tmp_path):
         record_process(f["entry"], "nxcombine")
     db = WorkflowDB(tmp_path)
     # a stale DONE (no NXprocess) must go back to NOT_STARTED; a FAILED row is kept
-    db.register_scan(sim.scan_file, ["f1", "f2"])
+    db.register_scan(sim.scan_file, ["f1", "f2"], steps=registry_layout())
     db.done(sim.scan_file, "f2", "find")
     db.fail(sim.scan_file, "f1", "find", "boom")
     ghost = tmp_path / "sim" / "xtal1" / "sim_10K.nxs"
     db.register_scan(ghost, ["f1"])
 
-    synced = db.sync_from_files()
+    synced = sync_from_files(db)
     assert synced == ["sim/xtal1/sim_300K.nxs"]
     assert db.scan_files() == ["sim/xtal1/sim_300K.nxs"]  # ghost pruned
     table = db.status(sim.scan_file)

@@ -127,7 +127,8 @@ def scan_metadata(scan_file: str | os.PathLike[str], db: Any = None) -> dict[str
     path = Path(scan_file).absolute()
     sample, label, scan = _names(path)
     meta: dict[str, Any] = {"sample": sample, "label": label, "scan": scan}
-    from ..workflow.database import SCAN_ENTRY, Status, aggregate_status, rotation_entries
+    from ..workflow.schema import SCAN_ENTRY, Status, aggregate_status
+    from ..workflow.sync import rotation_entries
 
     with open_scan_file(path) as f:
         entries = rotation_entries(f)

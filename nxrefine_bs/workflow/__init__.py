@@ -1,12 +1,25 @@
-"""Workflow tracking and execution: the status database, executors and the queue.
+"""Workflow tracking and execution: the status database, the reduction graph, executors.
 
-* :class:`~.database.WorkflowDB` -- which step ran on which scan entry (SQLAlchemy).
-* :func:`~.executor.run_scan_steps` -- reduce one scan file, recording every transition.
-* :class:`~.executor.LocalExecutor`, :class:`~.executor.DaskExecutor` -- where it runs.
-* :class:`~.queue.ReductionQueue` -- database + executor: submit, retry, cancel, wait.
+Persistence (no NeXus or reduction imports):
+
+* :mod:`.schema` -- :class:`Status`, tables, :class:`TaskRecord`;
+* :mod:`.engine` -- engines per URL and process, retries, safe schema creation;
+* :mod:`.leases` -- the task state machine and leases;
+* :mod:`.queries` -- read-only queries;
+* :mod:`.database` -- :class:`WorkflowDB`, the rows of one experiment.
+
+Above it:
+
+* :mod:`.sync` -- rows rebuilt from the NXprocess records of the scan files;
+* :mod:`.params` -- ``--param STEP.NAME=VALUE`` parsing;
+* :mod:`.graph` -- one task per (scan, entry, step) from the step registry;
+* :mod:`.task` -- :func:`run_task`, what every node runs (claim, lease, step);
+* :mod:`.executor` -- :class:`LocalExecutor`, :class:`DaskExecutor`;
+* :mod:`.queue` -- :class:`ReductionQueue`: submit, retry, cancel, reset, wait;
+* :mod:`.config` -- the ``[server]`` settings every path uses.
 """
 
-from .database import Status, TaskRecord, WorkflowDB, aggregate_status
+from .database import WorkflowDB
 from .executor import (
     DaskExecutor,
     Executor,
@@ -17,6 +30,7 @@ from .executor import (
     run_scan_steps,
 )
 from .queue import Job, ReductionQueue, find_scan_files
+from .schema import Status, TaskRecord, aggregate_status
 
 __all__ = [
     "Status",

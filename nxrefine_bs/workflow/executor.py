@@ -1,51 +1,66 @@
-"""Run reduction steps on scan files, in threads or on a Dask cluster.
+"""Where the reduction graph runs: threads in this process, or a Dask cluster.
 
-:func:`run_scan_steps` is the unit of work: it reduces one scan file (several steps on
-several entries) in registry order, records every transition in the workflow database
-and never lets an exception escape for a single step.  An :class:`Executor` decides
-where that function runs: :class:`LocalExecutor` (a thread pool in this process) or
-:class:`DaskExecutor` (a ``dask.distributed`` cluster, local or remote).
+Both executors take the same graph (:class:`~.graph.TaskSpec` list, dependencies as
+keys) and run :func:`~.task.run_task` on each node:
+
+* :class:`LocalExecutor` -- a thread pool; a task is handed to the pool once its
+  dependencies are finished (nothing waits in a pool thread), and memory-heavy
+  tasks take a slot of a small semaphore so two never run at once.
+* :class:`DaskExecutor` -- one Dask task per node with its dependencies as futures,
+  readable keys, ``retries=`` for transient I/O errors and ``resources=`` for
+  memory-heavy steps on workers that advertise ``reduce_memory``.  Every future is
+  handed to ``fire_and_forget`` and :meth:`DaskExecutor.submit_graph` returns only
+  once the scheduler holds every key, so a client that detaches or dies loses
+  nothing.
+
+:func:`run_scan_steps` runs one scan's graph serially in the calling thread.
 """
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import logging
 import os
 import threading
-import traceback
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import h5py
-
 from ..errors import WorkflowError
-from ..nexus.provenance import process_done, read_process
-from ..nexus.scanfile import find_parent, open_scan_file
 from ..reduce.steps import STEPS, Step
-from .database import SCAN_ENTRY, Status, WorkflowDB, rotation_entries, scan_targets
+from .database import WorkflowDB
+from .graph import TaskSpec, build_graph, new_token
+from .schema import Status
+from .task import DBArgs, run_task
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "HEAVY_RESOURCE",
+    "DaskExecutor",
     "Executor",
     "FutureLike",
     "LocalExecutor",
-    "DaskExecutor",
-    "make_executor",
-    "run_scan_steps",
     "ScanResult",
     "StepOutcome",
-    "parent_scan_file",
-    "select_steps",
-    "PARENT_PROCESS",
+    "db_args",
+    "make_executor",
+    "run_scan_steps",
 ]
 
-PARENT_PROCESS = "nxrefine"
-"""Process whose completion on the parent scan gates the child's orientation step."""
+HEAVY_RESOURCE = "reduce_memory"
+"""Dask worker resource a memory-heavy task takes one unit of (``--resources``)."""
+
+DEFAULT_RETRIES = 2
+
+
+def db_args(db: WorkflowDB) -> DBArgs:
+    """What a task needs to open the database: plain strings and a number."""
+    root = None if db.experiment_dir is None else str(db.experiment_dir)
+    return (db.url, root, db.experiment, db.lease)
 
 
 # --------------------------------------------------------------------------- results
@@ -53,12 +68,7 @@ PARENT_PROCESS = "nxrefine"
 
 @dataclass(frozen=True)
 class StepOutcome:
-    """What happened to one step on one entry.
-
-    ``status`` is DONE (ran, or was already done), FAILED (raised, or blocked by a
-    failed/missing requirement or parent) or NOT_STARTED (skipped: cancelled, or not
-    queued for this run).
-    """
+    """What happened to one step on one entry (DONE, FAILED or NOT_STARTED = skipped)."""
 
     step: str
     entry: str
@@ -67,10 +77,22 @@ class StepOutcome:
     result: dict[str, Any] | None = None
     ran: bool = False
 
+    @classmethod
+    def from_task(cls, out: Mapping[str, Any]) -> StepOutcome:
+        """From the dict :func:`~.task.run_task` returns."""
+        return cls(
+            step=str(out["step"]),
+            entry=str(out["entry"]),
+            status=Status.parse(str(out["status"])),
+            message=out.get("message"),
+            result=out.get("summary"),
+            ran=bool(out.get("ran", False)),
+        )
+
 
 @dataclass
 class ScanResult:
-    """Outcomes of :func:`run_scan_steps` on one scan file."""
+    """Outcomes of the tasks of one scan file."""
 
     scan_file: Path
     outcomes: list[StepOutcome] = field(default_factory=list)
@@ -102,291 +124,14 @@ class ScanResult:
         return f"{self.scan_file.name}: {text or 'nothing to do'}"
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def select_steps(
-    steps: Iterable[str] | None, registry: Mapping[str, Step] | None = None
-) -> list[Step]:
-    """Steps by name, validated and sorted in registry order (all steps if None)."""
-    registry = STEPS if registry is None else registry
-    if steps is None:
-        return list(registry.values())
-    names = [s.strip() for s in steps if s and s.strip()]
-    unknown = [n for n in names if n not in registry]
-    if unknown:
-        raise WorkflowError(
-            f"unknown reduction step(s) {', '.join(unknown)}; choose from {', '.join(registry)}"
-        )
-    return [registry[n] for n in registry if n in names]
-
-
-def parent_scan_file(scan_file: str | os.PathLike[str]) -> Path | None:
-    """The parent scan named by ``/entry/nxscans/parent`` (None if none or itself)."""
-    scan_file = Path(scan_file).absolute()
-    found = find_parent(scan_file)
-    parent = Path(found).absolute() if found else None
-    if parent is None or parent.resolve() == scan_file.resolve():
-        return None
-    return parent
-
-
-def _parent_blocker(scan_file: Path, entry: str) -> str | None:
-    """Why the child's orientation step cannot run yet on ``entry`` (None if it can)."""
-    try:
-        parent = parent_scan_file(scan_file)
-    except Exception as exc:  # a broken parent pointer is the child's failure
-        return f"cannot resolve the parent scan of {scan_file.name}: {exc}"
-    if parent is None:
-        return None
-    if not parent.exists():
-        return f"parent scan {parent} does not exist; fix /entry/nxscans/parent or remove it"
-    try:
-        with open_scan_file(parent) as f:
-            group = f.get(entry)
-            done = isinstance(group, h5py.Group) and process_done(group, PARENT_PROCESS)
-    except OSError as exc:
-        return f"cannot read parent scan {parent}: {exc}"
-    if not done:
-        return (
-            f"waiting for parent {parent.name}: its orientation ({PARENT_PROCESS}) on {entry} "
-            "is not done; reduce the parent first, then retry this scan"
-        )
-    return None
-
-
-def _split_params(
-    params: Mapping[str, Any] | None, step: Step, fn: Callable[..., Any]
-) -> dict[str, Any]:
-    """Parameters for one step: ``params[step.name]`` (a mapping) over common ones.
-
-    Common parameters the step function does not accept are dropped (``threshold``
-    means nothing to ``max``); per-step ones are always passed.
-    """
-    common: dict[str, Any] = {}
-    nested: dict[str, Any] = {}
-    for key, value in (params or {}).items():
-        if isinstance(value, Mapping):
-            if key == step.name:
-                nested.update(value)
-        elif value is not None:
-            common[key] = value
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        sig = None
-    if sig is not None and not any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()
-    ):
-        common = {k: v for k, v in common.items() if k in sig.parameters}
-    return {**common, **nested}
-
-
-def _step_kwargs(
-    step: Step,
-    registry: Mapping[str, Step],
-    scan_file: Path,
-    params: Mapping[str, Any] | None,
-    fn: Callable[..., Any],
-) -> dict[str, Any]:
-    """Explicit parameters, resolved through the settings layers for registry steps."""
-    explicit = _split_params(params, step, fn)
-    if STEPS.get(step.name) is step:
-        from ..reduce import steps as steps_module
-
-        resolver = getattr(steps_module, "step_parameters", None)
-        if resolver is not None:
-            return resolver(step.name, scan_file, explicit)
-    return explicit
-
-
-def _worker_name() -> str:
-    try:
-        from distributed import get_worker
-
-        return f"dask:{get_worker().name}"
-    except (ImportError, ValueError):
-        return f"thread:{threading.current_thread().name}"
-
-
-def _read_done(scan_file: Path, pairs: Iterable[tuple[Step, str]]) -> dict[tuple[str, str], Any]:
-    """``{(step, entry): record or None}`` from the scan file, opened read-only briefly."""
-    out: dict[tuple[str, str], Any] = {}
-    with open_scan_file(scan_file) as f:
-        for step, entry in pairs:
-            group = f.get(entry)
-            if isinstance(group, h5py.Group) and process_done(group, step.process):
-                out[(step.name, entry)] = read_process(group, step.process) or {}
-            else:
-                out[(step.name, entry)] = None
-    return out
-
-
-# --------------------------------------------------------------------------- the unit of work
-
-
-def run_scan_steps(
-    scan_file: str | os.PathLike[str],
-    steps: Iterable[str] | None = None,
-    entries: Sequence[str] | None = None,
-    params: Mapping[str, Any] | None = None,
-    db: WorkflowDB | str | os.PathLike[str] | None = None,
-    *,
-    overwrite: bool = False,
-    progress: bool = False,
-    claim: bool = False,
-    registry: Mapping[str, Step] | None = None,
-) -> ScanResult:
-    """Run reduction steps on one scan file, recording every transition.
-
-    Steps run in registry order; per-entry steps run on each entry in turn, per-scan
-    steps once on ``entry``.  A step whose requirement failed (or is neither done in
-    the file nor part of this run) is marked FAILED with a message naming the
-    requirement, so nothing is silently lost.  The orientation step (process
-    ``nxrefine``) of a scan with a parent (``/entry/nxscans/parent``) fails with a
-    "waiting for parent" message unless the parent's ``nxrefine`` is done on the same
-    entry.  A step already done (its NXprocess exists) is not rerun unless
-    ``overwrite``.  The raw detector files are never opened for writing here.
-
-    Parameters
-    ----------
-    scan_file : path-like
-        The scan file ``<sample>_<scan>.nxs``.
-    steps : iterable of str, optional
-        Step names (default: every step of the registry).
-    entries : sequence of str, optional
-        Rotation entries (default: all of the file's).
-    params : mapping, optional
-        Keyword arguments for the steps; a value that is a mapping under a step's
-        name holds parameters for that step only.  Common parameters a step does not
-        accept are dropped.  For steps of the global registry, unset parameters are
-        resolved through the settings layers
-        (:func:`nxrefine_bs.reduce.steps.step_parameters`).
-    db : WorkflowDB or URL or experiment directory, optional
-        Where to record transitions; nothing is recorded if None.
-    overwrite : bool
-        Rerun steps that are already done.
-    progress : bool
-        Passed to the steps (tqdm progress bars).
-    claim : bool
-        Only run tasks that are QUEUED in ``db``, claiming them atomically; tasks
-        cancelled meanwhile are skipped.  Used by :class:`~.queue.ReductionQueue`.
-    registry : mapping, optional
-        Step registry to use instead of :data:`~nxrefine_bs.reduce.steps.STEPS`.
-
-    Returns
-    -------
-    ScanResult
-        One :class:`StepOutcome` per (step, entry) considered.
-
-    Raises
-    ------
-    WorkflowError
-        Only for errors before any step runs (unknown step, unreadable scan file).
-    """
-    scan_file = Path(scan_file).absolute()
-    registry = STEPS if registry is None else registry
-    chosen = select_steps(steps, registry)
-    if db is not None and not isinstance(db, WorkflowDB):
-        db = WorkflowDB(db)
-    try:
-        with open_scan_file(scan_file) as f:
-            all_entries = rotation_entries(f)
-    except OSError as exc:
-        raise WorkflowError(f"cannot open scan file {scan_file}: {exc}") from exc
-    if entries is None:
-        entries = all_entries
-    else:
-        missing = [e for e in entries if e not in all_entries]
-        if missing:
-            raise WorkflowError(
-                f"{scan_file.name} has no entr{'y' if len(missing) == 1 else 'ies'} "
-                f"{', '.join(missing)}; it has {', '.join(all_entries) or 'none'}"
-            )
-        entries = list(entries)
-    worker = _worker_name()
-    result = ScanResult(scan_file)
-    state: dict[tuple[str, str], Status] = {}
-
-    def record(outcome: StepOutcome) -> None:
-        result.outcomes.append(outcome)
-        state[(outcome.step, outcome.entry)] = outcome.status
-
-    def requirement_problem(step: Step, entry: str) -> str | None:
-        for req_name in step.requires:
-            req = registry.get(req_name) or STEPS.get(req_name)
-            if req is None:
-                return f"requires unknown step {req_name!r}"
-            if req.per_entry:
-                targets = [entry] if step.per_entry else list(all_entries)
-            else:
-                targets = [SCAN_ENTRY]
-            for target in targets:
-                got = state.get((req.name, target))
-                if got is Status.DONE:
-                    continue
-                if got is Status.FAILED:
-                    return f"blocked: requires {req.name} on {target}, which failed"
-                if _read_done(scan_file, [(req, target)])[(req.name, target)] is None:
-                    return (
-                        f"blocked: requires {req.name} on {target}, which is not done; "
-                        f"run {req.name} first"
-                    )
-        return None
-
-    for step in chosen:
-        targets = scan_targets(step, entries)
-        done_records = _read_done(scan_file, [(step, t) for t in targets])
-        for entry in targets:
-            label = f"{step.name} on {scan_file.name}:{entry}"
-            claimed = (
-                db.start(scan_file, entry, step.name, worker=worker, claim=True)
-                if db is not None and claim
-                else True
-            )
-            if not claimed:  # not queued: cancelled, or not part of this submission
-                current = db.task_status(scan_file, entry, step.name)  # type: ignore[union-attr]
-                status = Status.DONE if current is Status.DONE else Status.NOT_STARTED
-                if done_records[(step.name, entry)] is not None:
-                    status = Status.DONE
-                record(StepOutcome(step.name, entry, status, "not queued"))
-                continue
-            record_done = done_records[(step.name, entry)]
-            if record_done is not None and not overwrite:
-                if db is not None:
-                    db.done(scan_file, entry, step.name, message="already done", record=record_done)
-                record(StepOutcome(step.name, entry, Status.DONE, "already done"))
-                logger.info("%s: already done", label)
-                continue
-            problem = requirement_problem(step, entry)
-            if problem is None and step.process == PARENT_PROCESS:
-                problem = _parent_blocker(scan_file, entry)
-            if problem is not None:
-                if db is not None:
-                    db.fail(scan_file, entry, step.name, problem)
-                record(StepOutcome(step.name, entry, Status.FAILED, problem))
-                logger.warning("%s: %s", label, problem)
-                continue
-            if db is not None and not claim:
-                db.start(scan_file, entry, step.name, worker=worker)
-            try:
-                fn: Callable[..., Any] = step.load()
-                kwargs = _step_kwargs(step, registry, scan_file, params, fn)
-                out = fn(scan_file, entry, overwrite=overwrite, progress=progress, **kwargs)
-            except Exception as exc:  # one failing step must not stop the workflow
-                message = f"{type(exc).__name__}: {exc}"
-                logger.warning("%s failed: %s", label, message)
-                logger.debug("%s", traceback.format_exc())
-                if db is not None:
-                    db.fail(scan_file, entry, step.name, message)
-                record(StepOutcome(step.name, entry, Status.FAILED, message, ran=True))
-                continue
-            if db is not None:
-                db.done(scan_file, entry, step.name)
-            summary = dict(out) if isinstance(out, Mapping) else None
-            record(StepOutcome(step.name, entry, Status.DONE, None, summary, ran=True))
-            logger.info("%s: done", label)
-    return result
+def group_results(outputs: Iterable[Mapping[str, Any]]) -> list[ScanResult]:
+    """Task outputs -> one :class:`ScanResult` per scan file (in first-seen order)."""
+    by_file: dict[str, ScanResult] = {}
+    for out in outputs:
+        name = str(out["scan_file"])
+        result = by_file.setdefault(name, ScanResult(Path(name)))
+        result.outcomes.append(StepOutcome.from_task(out))
+    return list(by_file.values())
 
 
 # --------------------------------------------------------------------------- executors
@@ -394,7 +139,7 @@ def run_scan_steps(
 
 @runtime_checkable
 class FutureLike(Protocol):
-    """What :class:`Executor` futures provide (concurrent.futures and distributed)."""
+    """What executor futures provide (concurrent.futures and distributed)."""
 
     def result(self, timeout: float | None = None) -> Any:
         """Block until done; return the value or raise the exception."""
@@ -405,49 +150,158 @@ class FutureLike(Protocol):
     def cancel(self) -> Any:
         """Try to cancel."""
 
-    def add_done_callback(self, fn: Callable[[Any], Any]) -> None:
-        """Call ``fn(future)`` when finished."""
-
 
 @runtime_checkable
 class Executor(Protocol):
-    """Somewhere to run :func:`run_scan_steps`."""
+    """Somewhere to run the reduction graph."""
 
     name: str
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> FutureLike:
-        """Schedule ``fn(*args, **kwargs)``."""
+    def submit_graph(
+        self,
+        tasks: Sequence[TaskSpec],
+        args: DBArgs,
+        *,
+        registry: Mapping[str, Step] | None = None,
+        progress: bool = False,
+    ) -> dict[str, FutureLike]:
+        """Submit every task (dependencies first); ``{key: future}``."""
+
+    def pending(self, keys: Iterable[str]) -> set[str]:
+        """The keys, of this or earlier submissions, that have not finished yet."""
 
     def shutdown(self, wait: bool = True) -> None:
         """Stop accepting work and release resources."""
 
 
 class LocalExecutor:
-    """A thread pool in this process (NXRefine's ``direct`` server).
+    """The graph on a thread pool in this process (NXRefine's ``direct`` server).
 
     Parameters
     ----------
     max_workers : int
-        Simultaneous scans (default 2; keep it small, steps are multi-threaded).
+        Threads (default 2; keep it small, steps are multi-threaded).
+    heavy_slots : int
+        Memory-heavy tasks (transform, combine...) running at once.
     """
 
     name = "local"
 
-    def __init__(self, max_workers: int = 2) -> None:
-        if max_workers < 1:
-            raise WorkflowError(f"LocalExecutor needs max_workers >= 1, got {max_workers}")
+    def __init__(self, max_workers: int = 2, *, heavy_slots: int = 1) -> None:
+        if max_workers < 1 or heavy_slots < 1:
+            raise WorkflowError(
+                f"LocalExecutor needs max_workers >= 1 and heavy_slots >= 1, "
+                f"got {max_workers} and {heavy_slots}"
+            )
         self.max_workers = int(max_workers)
         self._pool = ThreadPoolExecutor(self.max_workers, thread_name_prefix="nxreduce")
+        self._heavy = threading.BoundedSemaphore(heavy_slots)
+        self._futures: dict[str, Future[Any]] = {}
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"LocalExecutor(max_workers={self.max_workers})"
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> FutureLike:
-        """Schedule ``fn(*args, **kwargs)`` on the pool."""
-        return self._pool.submit(fn, *args, **kwargs)
+    def _run(self, fn: Callable[..., Any], heavy: bool, *args: Any, **kw: Any) -> Any:
+        if not heavy:
+            return fn(*args, **kw)
+        with self._heavy:
+            return fn(*args, **kw)
+
+    def submit_graph(
+        self,
+        tasks: Sequence[TaskSpec],
+        args: DBArgs,
+        *,
+        registry: Mapping[str, Step] | None = None,
+        progress: bool = False,
+    ) -> dict[str, Future[Any]]:
+        """Run each task once its dependencies (of any earlier submission too) finished."""
+        out: dict[str, Future[Any]] = {}
+        for spec in tasks:
+            outer: Future[Any] = Future()
+            with self._lock:
+                deps = [self._futures[k] for k in spec.deps if k in self._futures]
+                self._futures[spec.key] = outer
+            out[spec.key] = outer
+            self._when_ready(spec, deps, outer, args, registry, progress)
+        return out
+
+    def _when_ready(
+        self,
+        spec: TaskSpec,
+        deps: list[Future[Any]],
+        outer: Future[Any],
+        args: DBArgs,
+        registry: Mapping[str, Step] | None,
+        progress: bool,
+    ) -> None:
+        remaining = [len(deps)]
+        lock = threading.Lock()
+
+        def launch() -> None:
+            if not outer.set_running_or_notify_cancel():
+                return
+            results = []
+            for d in deps:
+                try:
+                    results.append(d.result())
+                except BaseException:  # cancelled or crashed dependency
+                    results.append(None)
+            try:
+                inner = self._pool.submit(
+                    self._run,
+                    run_task,
+                    spec.heavy,
+                    spec,
+                    args,
+                    *results,
+                    registry=registry,
+                    progress=progress,
+                    max_attempts=1,
+                )
+            except RuntimeError as exc:  # pool shut down
+                outer.set_exception(exc)
+                return
+
+            def chain(f: Future[Any]) -> None:
+                exc = f.exception()
+                if exc is not None:
+                    outer.set_exception(exc)
+                else:
+                    outer.set_result(f.result())
+
+            inner.add_done_callback(chain)
+
+        def one_done(_: Any) -> None:
+            with lock:
+                remaining[0] -= 1
+                ready = remaining[0] == 0
+            if ready:
+                launch()
+
+        if not deps:
+            launch()
+        for d in deps:
+            d.add_done_callback(one_done)
+
+    def pending(self, keys: Iterable[str]) -> set[str]:
+        """Keys of this executor not finished yet."""
+        with self._lock:
+            return {k for k in keys if k in self._futures and not self._futures[k].done()}
 
     def shutdown(self, wait: bool = True) -> None:
-        """Shut the pool down (queued work is cancelled if ``wait`` is False)."""
+        """Shut the pool down (tasks not started are cancelled if ``wait`` is False)."""
+        if not wait:
+            with self._lock:
+                for fut in self._futures.values():
+                    fut.cancel()
+        else:
+            with self._lock:
+                futures = list(self._futures.values())
+            for fut in futures:
+                with contextlib.suppress(BaseException):  # cancelled
+                    fut.exception()
         self._pool.shutdown(wait=wait, cancel_futures=not wait)
 
     def __enter__(self) -> LocalExecutor:
@@ -457,8 +311,21 @@ class LocalExecutor:
         self.shutdown()
 
 
+def _scheduler_states(dask_scheduler: Any, keys: list[str]) -> dict[str, str]:
+    """Runs on the scheduler: the state of each known key."""
+    out = {}
+    for key in keys:
+        ts = dask_scheduler.tasks.get(key)
+        if ts is not None:
+            out[key] = ts.state
+    return out
+
+
+_PENDING_STATES = {"waiting", "queued", "processing", "no-worker", "released"}
+
+
 class DaskExecutor:
-    """A ``dask.distributed`` client, on a new local cluster or an existing scheduler.
+    """The graph on a ``dask.distributed`` cluster (a new local one, or a scheduler).
 
     Parameters
     ----------
@@ -473,12 +340,13 @@ class DaskExecutor:
         Threads per local worker.
     client : distributed.Client, optional
         Use this client instead of creating one (not closed by :meth:`shutdown`).
+    retries : int
+        Dask ``retries=`` for transient I/O errors.
 
     Notes
     -----
-    Workers must see the experiment files at the same paths and be able to import
-    ``nxrefine_bs``.  With SQLite workflow databases, all workers must share a
-    local file system with the database (use a server database otherwise).
+    Workers must see the experiment files at the same paths, run the same
+    environment and reach the workflow database (see ``docs/deployment.md``).
     """
 
     name = "dask"
@@ -491,13 +359,13 @@ class DaskExecutor:
         processes: bool = False,
         threads_per_worker: int = 2,
         client: Any = None,
+        retries: int = DEFAULT_RETRIES,
     ) -> None:
-        try:
-            from distributed import Client, LocalCluster
-        except ImportError as exc:  # pragma: no cover - a declared dependency
-            raise WorkflowError("DaskExecutor needs dask.distributed installed") from exc
+        from distributed import Client, LocalCluster
+
         self._cluster = None
         self._owns_client = client is None
+        self.retries = int(retries)
         if client is not None:
             self.client = client
             self.address = getattr(client.scheduler, "address", None)
@@ -528,18 +396,77 @@ class DaskExecutor:
         """True when connected to a scheduler this executor did not start."""
         return self._cluster is None
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> FutureLike:
-        """Schedule ``fn(*args, **kwargs)`` on the cluster (never cached: ``pure=False``)."""
-        return self.client.submit(fn, *args, pure=False, **kwargs)
+    def _heavy_resource(self) -> str | None:
+        workers = self.client.scheduler_info().get("workers", {})
+        if any(HEAVY_RESOURCE in (w.get("resources") or {}) for w in workers.values()):
+            return HEAVY_RESOURCE
+        return None
 
-    def detach(self, futures: Iterable[Any]) -> None:
-        """Let submitted work continue after this client closes (``fire_and_forget``)."""
-        from distributed import fire_and_forget
+    def submit_graph(
+        self,
+        tasks: Sequence[TaskSpec],
+        args: DBArgs,
+        *,
+        registry: Mapping[str, Step] | None = None,
+        progress: bool = False,
+        timeout: float = 60.0,
+    ) -> dict[str, Any]:
+        """Submit the graph; return once the scheduler holds every key.
 
-        fire_and_forget(list(futures))
+        Raises
+        ------
+        WorkflowError
+            If the scheduler has not received the graph within ``timeout`` seconds.
+        """
+        from distributed import Future, fire_and_forget
+
+        heavy = self._heavy_resource()
+        if registry is not None and all(STEPS.get(k) is v for k, v in registry.items()):
+            registry = None
+        futures: dict[str, Any] = {}
+        for spec in tasks:
+            deps = [futures[k] if k in futures else Future(k, self.client) for k in spec.deps]
+            extra: dict[str, Any] = {}
+            if spec.heavy and heavy:
+                extra["resources"] = {heavy: 1}
+            futures[spec.key] = self.client.submit(
+                run_task,
+                spec,
+                args,
+                *deps,
+                key=spec.key,
+                pure=False,
+                retries=self.retries,
+                registry=registry,
+                progress=progress,
+                max_attempts=self.retries + 1,
+                **extra,
+            )
+        fire_and_forget(list(futures.values()))
+        keys = list(futures)
+        deadline = time.monotonic() + timeout
+        while keys:
+            known = self.client.run_on_scheduler(_scheduler_states, keys=keys)
+            keys = [k for k in keys if k not in known]
+            if keys and time.monotonic() > deadline:
+                raise WorkflowError(
+                    f"the Dask scheduler {self.address} has not received {len(keys)} task(s) "
+                    f"after {timeout:.0f} s (e.g. {keys[0]}); check the scheduler"
+                )
+            if keys:
+                time.sleep(0.05)
+        return futures
+
+    def pending(self, keys: Iterable[str]) -> set[str]:
+        """Keys the scheduler still has to run."""
+        keys = [k for k in keys if k]
+        if not keys:
+            return set()
+        states = self.client.run_on_scheduler(_scheduler_states, keys=keys)
+        return {k for k, state in states.items() if state in _PENDING_STATES}
 
     def shutdown(self, wait: bool = True) -> None:
-        """Close the client and the local cluster this executor started."""
+        """Close the client (the graph stays on a remote scheduler) and an owned cluster."""
         if self._owns_client:
             self.client.close()
         if self._cluster is not None:
@@ -570,17 +497,12 @@ def make_executor(
     workers : int, optional
         Threads (local) or local Dask workers; default ``[server] cores``.
     settings : mapping, optional
-        Settings ``{section: {key: value}}``; default: the server settings file if
-        it exists, else the built-in defaults.
+        Settings ``{section: {key: value}}``; default: the server settings.
     """
     if settings is None:
-        from ..errors import SettingsError
-        from ..settings import default_settings, load_server_settings
+        from .config import server_settings
 
-        try:
-            settings = load_server_settings()
-        except SettingsError:
-            settings = default_settings()
+        settings = server_settings()
     server = dict(settings.get("server", {}))
     kind = (kind or server.get("type") or "local").lower()
     workers = int(workers or server.get("cores") or 2)
@@ -590,3 +512,65 @@ def make_executor(
         address = address or server.get("dask_scheduler") or "local"
         return DaskExecutor(address, n_workers=workers)
     raise WorkflowError(f"unknown executor type {kind!r}; use 'local' or 'dask'")
+
+
+# --------------------------------------------------------------------------- serial
+
+
+def run_scan_steps(
+    scan_file: str | os.PathLike[str],
+    steps: Iterable[str] | None = None,
+    entries: Sequence[str] | None = None,
+    params: Mapping[str, Any] | None = None,
+    db: WorkflowDB | str | os.PathLike[str] | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+    registry: Mapping[str, Step] | None = None,
+) -> ScanResult:
+    """Run the graph of one scan file serially in this thread, recording every transition.
+
+    Parameters
+    ----------
+    scan_file : path-like
+        The scan file ``<sample>_<scan>.nxs``.
+    steps, entries : optional
+        Step names (default all) and rotation entries (default all).
+    params : mapping, optional
+        Step parameters (``{step: {...}}`` for one step only).
+    db : WorkflowDB or URL or experiment directory, optional
+        Where to record transitions (default: the scan's experiment database).
+    overwrite, progress : bool
+        Redo done steps; progress bars.
+    registry : mapping, optional
+        Step registry instead of the global one.
+    """
+    from .sync import register_scan_steps
+
+    path = Path(scan_file).absolute()
+    if db is None:
+        db = WorkflowDB(path.parent.parent.parent)
+    elif not isinstance(db, WorkflowDB):
+        db = WorkflowDB(db)
+    registry = STEPS if registry is None else registry
+    tasks, entries_of = build_graph(
+        [path],
+        steps=steps,
+        entries=entries,
+        params=params,
+        overwrite=overwrite,
+        registry=registry,
+        token=new_token(db.experiment),
+    )
+    register_scan_steps(db, path, entries_of[path], registry)
+    for spec in tasks:
+        db.queue(path, spec.entry, spec.step.name, params=spec.params, overwrite=overwrite,
+                 key=spec.key)
+    results: dict[str, dict[str, Any]] = {}
+    for spec in tasks:
+        deps = [results.get(k) for k in spec.deps]
+        results[spec.key] = run_task(
+            spec, db_args(db), *deps, registry=registry, progress=progress, max_attempts=1
+        )
+    grouped = group_results(results.values())
+    return grouped[0] if grouped else ScanResult(path)

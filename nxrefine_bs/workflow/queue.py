@@ -1,11 +1,16 @@
 """The reduction queue: the workflow database plus an executor.
 
-``ReductionQueue.submit`` marks the tasks QUEUED in the database and hands one
-:func:`~.executor.run_scan_steps` call per scan file to the executor; the worker claims
-each task before running it, so :meth:`ReductionQueue.cancel` (or ``nxrefine-bs
-workflow cancel`` from another process) stops tasks that have not started.  A scan
-whose parent scan is being reduced by the same queue waits for the parent's job to
-finish before it starts (the child's orientation step needs the parent's).
+:meth:`ReductionQueue.submit` builds the graph of the requested work
+(:func:`~.graph.build_graph`), marks its tasks QUEUED in the database together with
+their job spec (parameters, overwrite, task key), and hands the whole graph to the
+executor, which returns once the graph is in the engine: nothing waits in client
+threads, so a client that exits loses nothing on a Dask scheduler.  Work still pending
+from an earlier submission is not submitted twice: the new tasks depend on its keys.
+
+:meth:`ReductionQueue.retry` rebuilds the graph of FAILED tasks from their stored job
+specs, in dependency order; :meth:`ReductionQueue.cancel` un-queues tasks (they are
+skipped when reached); :meth:`ReductionQueue.reset` returns stuck tasks to
+NOT_STARTED.  Tasks whose lease ran out are turned FAILED before each submission.
 """
 
 from __future__ import annotations
@@ -19,22 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
-
 from ..errors import WorkflowError
-from ..nexus.provenance import process_done
-from ..nexus.scanfile import open_scan_file
 from ..reduce.steps import STEPS, Step
-from .database import Status, TaskRecord, WorkflowDB, rotation_entries, scan_targets
-from .executor import (
-    Executor,
-    FutureLike,
-    LocalExecutor,
-    ScanResult,
-    parent_scan_file,
-    run_scan_steps,
-    select_steps,
-)
+from .database import WorkflowDB
+from .executor import Executor, FutureLike, LocalExecutor, ScanResult, db_args, group_results
+from .graph import TaskSpec, build_graph, new_token
+from .schema import Status, TaskRecord
+from .sync import is_scan_file, register_scan_steps
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +50,7 @@ def find_scan_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
         if path.is_file():
             out.append(path)
         elif path.is_dir():
-            for nxs in sorted(path.rglob("*.nxs")):
-                stem = nxs.stem
-                sample = nxs.parent.parent.name
-                if not stem.startswith(sample + "_") or "_scans" in stem:
-                    continue
-                if "mask" in stem or stem.endswith("transform"):
-                    continue
-                out.append(nxs)
+            out.extend(nxs for nxs in sorted(path.rglob("*.nxs")) if is_scan_file(nxs))
         else:
             raise WorkflowError(f"{path} is neither a scan file nor a directory")
     seen: set[Path] = set()
@@ -70,23 +59,19 @@ def find_scan_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
 
 @dataclass
 class Job:
-    """One scan file handed to the executor."""
+    """The tasks of one scan file in one submission."""
 
     scan_file: Path
     steps: list[str]
     entries: list[str]
-    overwrite: bool = False
-    params: dict[str, Any] = field(default_factory=dict)
-    parent: Path | None = None
-    future: FutureLike | None = None
-    launched: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
+    tasks: list[TaskSpec] = field(default_factory=list)
+    futures: dict[str, FutureLike] = field(default_factory=dict)
     collected: bool = False
 
     @property
-    def deferred(self) -> bool:
-        """True while the job waits for its parent's job."""
-        return not self.launched.is_set()
+    def keys(self) -> list[str]:
+        """Task keys, in dependency order."""
+        return [t.key for t in self.tasks]
 
 
 class ReductionQueue:
@@ -139,44 +124,87 @@ class ReductionQueue:
 
     # ------------------------------------------------------------------ submit
 
-    def _pending_job(self, scan_file: Path) -> Job | None:
-        with self._lock:
-            for job in reversed(self.jobs):
-                finished = job.future is not None and job.future.done()
-                if job.scan_file == scan_file and not finished and job.error is None:
-                    return job
-        return None
+    def _pending_keys(self) -> dict[tuple[str, str, str], str]:
+        """``{(stored name, entry, step): key}`` of queued/running tasks the engine still has."""
+        rows = self.db.list_tasks(status=[Status.QUEUED, Status.IN_PROGRESS])
+        keyed = {(r.filename, r.entry, r.step): r.key for r in rows if r.key}
+        alive = self.executor.pending(keyed.values()) if keyed else set()
+        return {k: v for k, v in keyed.items() if v in alive}
 
-    def _plan(
+    def _submit_graph(
         self,
-        scan_file: Path,
+        files: list[Path],
+        *,
         steps: Iterable[str] | None,
         entries: Sequence[str] | None,
+        params: Mapping[str, Any],
         overwrite: bool,
-    ) -> tuple[list[str], list[str], list[tuple[str, str]]]:
-        """Entries, step names and the (step, entry) tasks that need queuing."""
-        chosen = select_steps(steps, self.registry)
+        only: set[tuple[Path, str, str]] | None = None,
+        stored: Mapping[tuple[Path, str, str], TaskRecord] | None = None,
+    ) -> list[Job]:
+        self.db.expire_stale()
+        pending = self._pending_keys()
+
+        def running(scan_file: Path, entry: str, step: str) -> str | None:
+            return pending.get((self.db.relative_name(scan_file), entry, step))
+
+        def params_for(scan_file: Path, entry: str, step: str) -> Mapping[str, Any] | None:
+            rec = (stored or {}).get((scan_file, entry, step))
+            if rec is None or rec.params is None:
+                return None
+            return {**rec.params, **_for_step(params, step)}
+
+        tasks, entries_of = build_graph(
+            files,
+            steps=steps,
+            entries=entries,
+            params=params,
+            overwrite=overwrite,
+            registry=self.registry,
+            token=new_token(self.db.experiment),
+            running=running,
+            only=only,
+            params_for=params_for if stored else None,
+        )
+        for scan_file, all_entries in entries_of.items():
+            register_scan_steps(self.db, scan_file, all_entries, self.registry)
+        for spec in tasks:
+            if not self.db.queue(
+                spec.scan_file,
+                spec.entry,
+                spec.step.name,
+                params=spec.params,
+                overwrite=spec.overwrite,
+                key=spec.key,
+            ):
+                logger.info("%s is running elsewhere; this task will wait for it", spec.key)
+        jobs: dict[str, Job] = {}
+        for spec in tasks:
+            job = jobs.get(spec.scan_file)
+            if job is None:
+                path = Path(spec.scan_file)
+                job = jobs[spec.scan_file] = Job(path, [], list(entries or entries_of[path]))
+            if spec.step.name not in job.steps:
+                job.steps.append(spec.step.name)
+            job.tasks.append(spec)
+        if not tasks:
+            return []
         try:
-            with open_scan_file(scan_file) as f:
-                all_entries = rotation_entries(f)
-                wanted = list(entries) if entries is not None else all_entries
-                missing = [e for e in wanted if e not in all_entries]
-                if missing:
-                    raise WorkflowError(
-                        f"{scan_file.name} has no entries {', '.join(missing)}; "
-                        f"it has {', '.join(all_entries) or 'none'}"
-                    )
-                todo = []
-                for step in chosen:
-                    for entry in scan_targets(step, wanted):
-                        group = f.get(entry)
-                        done = isinstance(group, h5py.Group) and process_done(group, step.process)
-                        if overwrite or not done:
-                            todo.append((step.name, entry))
-        except OSError as exc:
-            raise WorkflowError(f"cannot open scan file {scan_file}: {exc}") from exc
-        self.db.register_scan(scan_file, all_entries, steps=self.registry.values())
-        return [s.name for s in chosen], wanted, todo
+            futures = self.executor.submit_graph(
+                tasks,
+                db_args(self.db),
+                registry=self.registry,
+                progress=self.progress,
+            )
+        except Exception as exc:  # executor shut down, scheduler gone...
+            for spec in tasks:
+                self.db.fail(spec.scan_file, spec.entry, spec.step.name, f"could not submit: {exc}")
+            raise WorkflowError(f"could not submit {len(tasks)} task(s): {exc}") from exc
+        for job in jobs.values():
+            job.futures = {t.key: futures[t.key] for t in job.tasks}
+        with self._lock:
+            self.jobs.extend(jobs.values())
+        return list(jobs.values())
 
     def submit(
         self,
@@ -185,14 +213,11 @@ class ReductionQueue:
         entries: Sequence[str] | None = None,
         overwrite: bool = False,
         params: Mapping[str, Any] | None = None,
-        after: Iterable[Job] = (),
     ) -> list[Job]:
-        """Queue steps on scan files (files or directories).
+        """Queue steps on scan files (files or directories) and submit their graph.
 
-        Tasks already done in the file are not queued unless ``overwrite``.  A scan
-        whose parent is queued in this queue starts after the parent's job ends; every
-        job also waits for the jobs listed in ``after`` (e.g. a combine step waiting
-        for the per-rotation work of the same scan).
+        Tasks done in the file are not queued unless ``overwrite``; tasks still
+        pending from an earlier submission are not queued again.
 
         Returns
         -------
@@ -203,86 +228,12 @@ class ReductionQueue:
             scan_files = [scan_files]
         files = find_scan_files(scan_files)
         merged = {**self.params, **(params or {})}
-        # Parents first, so a child submitted with its parent can wait for it.
-        parents = {f: self._parent(f) for f in files}
-        files.sort(key=lambda f: (parents[f] is not None and parents[f] in parents, str(f)))
-        jobs = []
-        for scan_file in files:
-            step_names, wanted, todo = self._plan(scan_file, steps, entries, overwrite)
-            if not todo:
-                logger.info("%s: nothing to do", scan_file.name)
-                continue
-            for step, entry in todo:
-                if not self.db.queue(scan_file, entry, step):
-                    logger.warning("%s %s:%s is running already", step, scan_file.name, entry)
-            job = Job(
-                scan_file,
-                step_names,
-                wanted,
-                overwrite=overwrite,
-                params=merged,
-                parent=parents[scan_file],
-            )
-            parent_job = self._pending_job(job.parent) if job.parent is not None else None
-            with self._lock:
-                self.jobs.append(job)
-            waits = [j for j in after if j is not None and j is not job]
-            if parent_job is not None:
-                logger.info("%s waits for its parent %s", scan_file.name, job.parent.name)
-                waits.append(parent_job)
-            if waits:
-                self._after(waits, job)
-            else:
-                self._launch(job)
-            jobs.append(job)
+        jobs = self._submit_graph(
+            files, steps=steps, entries=entries, params=merged, overwrite=overwrite
+        )
+        if not jobs:
+            logger.info("nothing to do for %s", ", ".join(f.name for f in files))
         return jobs
-
-    @staticmethod
-    def _parent(scan_file: Path) -> Path | None:
-        """The parent scan, or None (a broken pointer fails the child's refine later)."""
-        try:
-            return parent_scan_file(scan_file)
-        except Exception as exc:
-            logger.warning("%s: cannot resolve its parent scan: %s", scan_file.name, exc)
-            return None
-
-    def _after(self, earlier: Sequence[Job], job: Job) -> None:
-        """Launch ``job`` once every job in ``earlier`` has finished (in a watcher thread)."""
-
-        def watcher() -> None:
-            for other in earlier:
-                other.launched.wait()
-                if other.future is None:
-                    continue
-                finished = threading.Event()
-                other.future.add_done_callback(lambda _=None, ev=finished: ev.set())
-                finished.wait()
-            self._launch(job)
-
-        threading.Thread(target=watcher, daemon=True, name="nxreduce-defer").start()
-
-    def _launch(self, job: Job) -> None:
-        try:
-            job.future = self.executor.submit(
-                run_scan_steps,
-                job.scan_file,
-                job.steps,
-                job.entries,
-                job.params,
-                self.db,
-                overwrite=job.overwrite,
-                progress=self.progress,
-                claim=True,
-                registry=self.registry,
-            )
-        except Exception as exc:  # executor shut down, scheduler gone...
-            job.error = exc
-            for step in job.steps:
-                for entry in scan_targets(self.registry[step], job.entries):
-                    if self.db.task_status(job.scan_file, entry, step) is Status.QUEUED:
-                        self.db.fail(job.scan_file, entry, step, f"could not submit: {exc}")
-        finally:
-            job.launched.set()
 
     # ------------------------------------------------------------------ retry / cancel
 
@@ -292,33 +243,32 @@ class ReductionQueue:
         steps: Iterable[str] | None = None,
         params: Mapping[str, Any] | None = None,
     ) -> list[Job]:
-        """Queue again every FAILED task (optionally of some scan files / steps).
+        """Submit every FAILED task again with the job spec it was submitted with.
+
+        Parameters given here override the stored ones.  Tasks run in dependency
+        order (parents before children, requirements first).
 
         Returns
         -------
         list of Job
             The new jobs.
         """
+        self.db.expire_stale()
         failed = self._tasks(Status.FAILED, scan_files, steps)
-        by_file: dict[str, tuple[set[str], set[str]]] = {}
-        for rec in failed:
-            names, entries = by_file.setdefault(rec.filename, (set(), set()))
-            names.add(rec.step)
-            if rec.entry != "entry":
-                entries.add(rec.entry)
-        jobs = []
-        for filename, (names, entries) in sorted(by_file.items()):
-            path = self.db.absolute_path(filename)
-            if not entries:
-                with open_scan_file(path) as f:
-                    entries = set(rotation_entries(f))
-            jobs += self.submit(
-                path,
-                steps=names,
-                entries=sorted(entries, key=lambda e: (len(e), e)),
-                params=params,
-            )
-        return jobs
+        if not failed:
+            return []
+        stored = {(self.db.absolute_path(r.filename), r.entry, r.step): r for r in failed}
+        files = sorted({path for path, _, _ in stored})
+        names = sorted({r.step for r in failed})
+        return self._submit_graph(
+            files,
+            steps=names,
+            entries=None,
+            params=dict(params or {}),
+            overwrite=any(r.overwrite for r in failed),
+            only=set(stored),
+            stored=stored,
+        )
 
     def cancel(
         self,
@@ -327,8 +277,7 @@ class ReductionQueue:
     ) -> list[TaskRecord]:
         """Return QUEUED tasks to NOT_STARTED; running tasks finish.
 
-        Workers skip cancelled tasks when they reach them; jobs of this queue that
-        have not started are also cancelled in the executor.
+        Workers skip cancelled tasks when they reach them.
 
         Returns
         -------
@@ -336,17 +285,15 @@ class ReductionQueue:
             The tasks cancelled (as they were before).
         """
         queued = self._tasks(Status.QUEUED, scan_files, steps)
-        cancelled = [
+        return [
             rec
             for rec in queued
             if self.db.cancel(self.db.absolute_path(rec.filename), rec.entry, rec.step)
         ]
-        names = {self.db.absolute_path(rec.filename) for rec in cancelled}
-        with self._lock:
-            for job in self.jobs:
-                if job.scan_file in names and job.future is not None and not job.future.done():
-                    job.future.cancel()
-        return cancelled
+
+    def reset(self, *, stale_only: bool = False) -> list[TaskRecord]:
+        """Return QUEUED and IN_PROGRESS tasks (only those with expired leases) to NOT_STARTED."""
+        return self.db.reset_tasks(stale_only=stale_only)
 
     def _tasks(
         self,
@@ -365,10 +312,7 @@ class ReductionQueue:
     # ------------------------------------------------------------------ wait
 
     def wait(self, timeout: float | None = None) -> list[ScanResult]:
-        """Wait for the jobs not waited for yet (deferred ones included); return results.
-
-        A cancelled job yields no result.  A job whose worker died yields no result
-        and its tasks still IN_PROGRESS or QUEUED are marked FAILED, so none is lost.
+        """Wait for the tasks of jobs not waited for yet; one result per job.
 
         Raises
         ------
@@ -377,52 +321,49 @@ class ReductionQueue:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         results: list[ScanResult] = []
-        index = 0
-        while True:
-            with self._lock:
-                if index >= len(self.jobs):
-                    break
-                job = self.jobs[index]
-            index += 1
-            if job.collected:
-                continue
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not job.launched.wait(remaining):
-                raise WorkflowError(f"timed out waiting for {job.scan_file.name} to start")
-            if job.future is None:
-                job.collected = True
-                continue
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                results.append(job.future.result(timeout=remaining))
-            except TimeoutError as exc:
-                raise WorkflowError(f"timed out waiting for {job.scan_file.name}") from exc
-            except Exception as exc:  # cancelled future, lost worker
-                name = type(exc).__name__.lower()
-                if "timeout" in name:
-                    raise WorkflowError(f"timed out waiting for {job.scan_file.name}") from exc
-                job.error = exc
-                if "cancelled" not in name:
-                    self._orphaned(job, exc)
+        with self._lock:
+            jobs = [j for j in self.jobs if not j.collected]
+        for job in jobs:
+            outputs: list[dict[str, Any]] = []
+            for key, future in job.futures.items():
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    out = future.result(timeout=remaining)
+                except Exception as exc:
+                    name = type(exc).__name__.lower()
+                    if "timeout" in name:
+                        raise WorkflowError(
+                            f"timed out after {timeout} s waiting for {key}; the work goes on "
+                            "(follow it with 'nxrefine-bs workflow status')"
+                        ) from exc
+                    if "cancelled" in name:
+                        continue
+                    logger.error("task %s was lost: %r", key, exc)
+                    spec = next(t for t in job.tasks if t.key == key)
+                    out = {
+                        "key": key,
+                        "scan_file": spec.scan_file,
+                        "entry": spec.entry,
+                        "step": spec.step.name,
+                        "status": "failed",
+                        "message": f"lost: {exc!r}",
+                    }
+                if isinstance(out, dict):
+                    outputs.append(out)
             job.collected = True
+            results.extend(group_results(outputs))
         return results
 
-    def _orphaned(self, job: Job, exc: BaseException) -> None:
-        logger.error("job for %s was lost: %r", job.scan_file.name, exc)
-        for step in job.steps:
-            for entry in scan_targets(self.registry[step], job.entries):
-                status = self.db.task_status(job.scan_file, entry, step)
-                if status in (Status.IN_PROGRESS, Status.QUEUED):
-                    self.db.fail(job.scan_file, entry, step, f"job lost: {exc!r}")
-
     def detach(self) -> None:
-        """Leave submitted Dask work running after this process exits."""
-        detach = getattr(self.executor, "detach", None)
-        if detach is None:
-            raise WorkflowError("only a Dask executor can run work after the queue closes")
-        detach([j.future for j in self.jobs if j.future is not None])
+        """Nothing to do: submitted graphs never depend on this client staying."""
 
     def close(self, wait: bool = True) -> None:
         """Shut down the executor if this queue created it."""
         if self._owns_executor:
             self.executor.shutdown(wait=wait)
+
+
+def _for_step(params: Mapping[str, Any] | None, step: str) -> dict[str, Any]:
+    from .params import step_params
+
+    return step_params(params, step)

@@ -1,0 +1,254 @@
+"""The reduction graph: one task per (scan, entry, step), with its dependencies.
+
+The graph comes from the step registry (:data:`~nxrefine_bs.reduce.steps.STEPS`):
+``Step.requires`` names the steps a step needs, ``Step.per_entry`` says whether it
+runs per rotation or once per scan.  A requirement of a per-entry step on a
+per-entry step is the same entry; a per-scan step needs the requirement on every
+entry.  The orientation step (process ``nxrefine``) of a child scan also needs its
+parent's orientation on the same entry.  Nothing is hard-coded about which steps
+exist: a step added to the registry (``pdf`` requiring ``combine``) joins the graph.
+
+Keys read like ``transform-<sample>_<scan>-f2-<token>`` (``combine-<sample>_<scan>-
+<token>`` for per-scan steps), where the token is unique to one submission, so the
+dashboard groups tasks by step and two submissions never collide.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+
+from ..errors import WorkflowError
+from ..nexus.provenance import process_done
+from ..nexus.scanfile import find_parent, open_scan_file
+from ..reduce.steps import STEPS, Step
+from .params import step_params
+from .schema import SCAN_ENTRY
+from .sync import rotation_entries, scan_targets
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MEMORY_HEAVY",
+    "PARENT_PROCESS",
+    "TaskSpec",
+    "build_graph",
+    "new_token",
+    "parent_scan_file",
+    "requirement_targets",
+    "select_steps",
+    "task_key",
+]
+
+PARENT_PROCESS = "nxrefine"
+"""Process whose completion on the parent scan gates the child's orientation step."""
+
+MEMORY_HEAVY = frozenset({"prepare", "transform", "combine"})
+"""Steps that hold a large array (grid or stack); a step may also set ``memory_heavy``."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of the graph: everything a worker needs, as plain picklable data.
+
+    ``deps`` are keys of tasks (of this graph or of an earlier submission still
+    running) whose results this task receives; ``params`` are the explicit
+    parameters of this step as submitted (resolved through the settings layers when
+    the task runs).
+    """
+
+    key: str
+    scan_file: str
+    entry: str
+    step: Step
+    deps: tuple[str, ...] = ()
+    params: dict[str, Any] = field(default_factory=dict)
+    overwrite: bool = False
+    heavy: bool = False
+
+
+def select_steps(
+    steps: Iterable[str] | None, registry: Mapping[str, Step] | None = None
+) -> list[Step]:
+    """Steps by name, validated and sorted in registry order (all steps if None)."""
+    registry = STEPS if registry is None else registry
+    if steps is None:
+        return list(registry.values())
+    names = [s.strip() for s in steps if s and s.strip()]
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        raise WorkflowError(
+            f"unknown reduction step(s) {', '.join(unknown)}; choose from {', '.join(registry)}"
+        )
+    return [registry[n] for n in registry if n in names]
+
+
+def parent_scan_file(scan_file: str | os.PathLike[str]) -> Path | None:
+    """The parent scan named by ``/entry/nxscans/parent`` (None if none or itself)."""
+    scan_file = Path(scan_file).absolute()
+    found = find_parent(scan_file)
+    parent = Path(found).absolute() if found else None
+    if parent is None or parent.resolve() == scan_file.resolve():
+        return None
+    return parent
+
+
+def safe_parent(scan_file: Path) -> Path | None:
+    """:func:`parent_scan_file`, or None with a warning for a broken pointer."""
+    try:
+        return parent_scan_file(scan_file)
+    except Exception as exc:  # a broken pointer fails the child's refine when it runs
+        logger.warning("%s: cannot resolve its parent scan: %s", scan_file.name, exc)
+        return None
+
+
+def new_token(experiment: str) -> str:
+    """An 8-hex-digit token unique to one submission of one experiment."""
+    return hashlib.sha1(f"{experiment}|{uuid.uuid4()}".encode()).hexdigest()[:8]
+
+
+def task_key(scan_file: str | os.PathLike[str], entry: str, step: str, token: str) -> str:
+    """``<step>-<sample>_<scan>-<entry>-<token>`` (no entry for per-scan steps)."""
+    stem = Path(scan_file).stem
+    middle = stem if entry == SCAN_ENTRY else f"{stem}-{entry}"
+    return f"{step}-{middle}-{token}"
+
+
+def requirement_targets(step: Step, req: Step, entry: str, entries: Sequence[str]) -> list[str]:
+    """Entries of ``req`` that ``step`` on ``entry`` needs."""
+    if not req.per_entry:
+        return [SCAN_ENTRY]
+    return [entry] if step.per_entry else list(entries)
+
+
+def _lookup(registry: Mapping[str, Step], name: str) -> Step:
+    step = registry.get(name) or STEPS.get(name)
+    if step is None:
+        raise WorkflowError(f"a registered step requires unknown step {name!r}")
+    return step
+
+
+def build_graph(
+    scan_files: Sequence[Path],
+    *,
+    steps: Iterable[str] | None = None,
+    entries: Sequence[str] | None = None,
+    params: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    registry: Mapping[str, Step] | None = None,
+    token: str,
+    running: Callable[[Path, str, str], str | None] | None = None,
+    only: set[tuple[Path, str, str]] | None = None,
+    params_for: Callable[[Path, str, str], Mapping[str, Any] | None] | None = None,
+) -> tuple[list[TaskSpec], dict[Path, list[str]]]:
+    """The tasks to submit for some scan files, in dependency order.
+
+    Parameters
+    ----------
+    scan_files : sequence of Path
+        Scan files; parents are put before their children.
+    steps, entries : optional
+        Steps (default all) and rotation entries (default all of each file's).
+    params : mapping, optional
+        Parameters: scalars for every step that takes them, ``{step: {...}}`` for one.
+    overwrite : bool
+        Redo steps already done in the file.
+    token : str
+        Unique to this submission (see :func:`new_token`).
+    running : callable, optional
+        ``running(scan_file, entry, step)`` -> the key of a task of an earlier
+        submission that is still pending for it, or None.  Such a task is not
+        submitted again; tasks needing it depend on its key.
+    only : set of (scan file, entry, step), optional
+        Submit only these tasks (``retry``).
+    params_for : callable, optional
+        ``params_for(scan_file, entry, step)`` -> the parameters of that task (the
+        stored job spec, for ``retry``) instead of ``params``; None falls back.
+
+    Returns
+    -------
+    tasks : list of TaskSpec
+        New tasks, each after its dependencies.
+    entries_of : dict
+        Rotation entries of each scan file.
+    """
+    registry = STEPS if registry is None else registry
+    chosen = select_steps(steps, registry)
+    parents = {f: safe_parent(f) for f in scan_files}
+    ordered = sorted(scan_files, key=lambda f: (parents[f] in parents, str(f)))
+    keys: dict[tuple[Path, str, str], str] = {}
+    tasks: list[TaskSpec] = []
+    entries_of: dict[Path, list[str]] = {}
+    for scan_file in ordered:
+        try:
+            with open_scan_file(scan_file) as f:
+                all_entries = rotation_entries(f)
+                wanted = list(entries) if entries is not None else all_entries
+                missing = [e for e in wanted if e not in all_entries]
+                if missing:
+                    raise WorkflowError(
+                        f"{scan_file.name} has no entries {', '.join(missing)}; "
+                        f"it has {', '.join(all_entries) or 'none'}"
+                    )
+                done = {
+                    (step.name, entry)
+                    for step in chosen
+                    for entry in scan_targets(step, wanted)
+                    if isinstance(f.get(entry), h5py.Group)
+                    and process_done(f[entry], step.process)
+                }
+        except OSError as exc:
+            raise WorkflowError(f"cannot open scan file {scan_file}: {exc}") from exc
+        entries_of[scan_file] = all_entries
+        for step in chosen:
+            for entry in scan_targets(step, wanted):
+                if (step.name, entry) in done and not overwrite:
+                    continue
+                if only is not None and (scan_file, entry, step.name) not in only:
+                    continue
+                pending = running(scan_file, entry, step.name) if running else None
+                if pending is not None and not overwrite:
+                    keys[(scan_file, entry, step.name)] = pending
+                    continue
+                deps: list[str] = []
+                for req_name in step.requires:
+                    req = _lookup(registry, req_name)
+                    for target in requirement_targets(step, req, entry, all_entries):
+                        dep = keys.get((scan_file, target, req.name))
+                        if dep is None and running is not None:
+                            dep = running(scan_file, target, req.name)
+                        if dep is not None:
+                            deps.append(dep)
+                parent = parents[scan_file]
+                if step.process == PARENT_PROCESS and parent is not None:
+                    dep = keys.get((parent, entry, step.name))
+                    if dep is None and running is not None:
+                        dep = running(parent, entry, step.name)
+                    if dep is not None:
+                        deps.append(dep)
+                stored = params_for(scan_file, entry, step.name) if params_for else None
+                key = task_key(scan_file, entry, step.name, token)
+                keys[(scan_file, entry, step.name)] = key
+                tasks.append(
+                    TaskSpec(
+                        key=key,
+                        scan_file=str(scan_file),
+                        entry=entry,
+                        step=step,
+                        deps=tuple(dict.fromkeys(deps)),
+                        params=dict(stored)
+                        if stored is not None
+                        else step_params(params, step.name),
+                        overwrite=overwrite,
+                        heavy=bool(getattr(step, "memory_heavy", step.name in MEMORY_HEAVY)),
+                    )
+                )
+    return tasks, entries_of
