@@ -42,8 +42,9 @@ def scipy_reference(stack, masked, threshold, first=0):
     return {k: v[order] for k, v in out.items()}
 
 
-def run_labeller(stack, masked, threshold, min_pixels=1, first=0):
-    lab = peaks.PeakLabeller(stack.shape[1:], threshold, masked, min_pixels)
+def run_labeller(stack, masked, threshold, min_voxels=1, first=0, min_spread=0.0):
+    """Labeller over a stack; the zinger test is off unless ``min_spread`` is given."""
+    lab = peaks.PeakLabeller(stack.shape[1:], threshold, masked, min_voxels, min_spread=min_spread)
     for j, frame in enumerate(stack):
         lab.add_frame(frame, first + j)
     return peaks.peak_table_from_moments(lab.finish())
@@ -79,14 +80,14 @@ def test_labeller_merges_branches_joined_in_a_later_frame():
     assert ours["z"][0] == pytest.approx(5 / 7)
 
 
-def test_labeller_min_pixels_and_threshold_semantics():
+def test_labeller_min_voxels_and_threshold_semantics():
     stack = np.zeros((2, 4, 4), np.int32)
     stack[0, 0, 0] = 51  # single voxel
     stack[:, 2:4, 2:4] = 50  # not strictly above 50: not hot
     stack[1, 2, 2] = 60
-    assert len(run_labeller(stack, None, 50, min_pixels=1)["x"]) == 2
-    assert len(run_labeller(stack, None, 50.5, min_pixels=2)["x"]) == 0
-    assert len(run_labeller(stack, None, 49, min_pixels=2)["x"]) == 1
+    assert len(run_labeller(stack, None, 50, min_voxels=1)["x"]) == 2
+    assert len(run_labeller(stack, None, 50.5, min_voxels=2)["x"]) == 0
+    assert len(run_labeller(stack, None, 49, min_voxels=2)["x"]) == 1
 
 
 # --------------------------------------------------------------------------- the step
@@ -97,7 +98,7 @@ def test_registry_points_at_run():
 
 
 def test_finds_injected_peaks_with_subpixel_centroids(scan):
-    out = peaks.run(scan.scan_file, "f1", threshold=THRESHOLD, first=0, min_pixels=1)
+    out = peaks.run(scan.scan_file, "f1", threshold=THRESHOLD, first=0)
     assert out["npeaks"] > 20
     truth = scan.truth("f1")
     with h5py.File(scan.scan_file, "r") as f:
@@ -142,7 +143,7 @@ def test_finds_injected_peaks_with_subpixel_centroids(scan):
 
 
 def test_step_equals_scipy_and_writes_nxreflections(scan):
-    out = peaks.run(scan.scan_file, "f1", threshold=THRESHOLD, first=4, last=100, min_pixels=1)
+    out = peaks.run(scan.scan_file, "f1", threshold=THRESHOLD, first=4, last=100, min_spread=0.0)
     with h5py.File(scan.scan_file, "r") as f:
         stack = f["f1/data/data"][4:100]
         masked = f["f1/instrument/detector/pixel_mask"][()] != 0
@@ -161,10 +162,10 @@ def test_step_equals_scipy_and_writes_nxreflections(scan):
     assert record["parameters"]["threshold"] == THRESHOLD
 
 
-def test_min_pixels_rejects_small_features(scan):
-    all_ = peaks.run(scan.scan_file, "f1", threshold=THRESHOLD, first=0, min_pixels=1)
+def test_min_voxels_rejects_small_features(scan):
+    all_ = peaks.run(scan.scan_file, "f1", threshold=THRESHOLD, first=0, min_voxels=1)
     big = peaks.run(
-        scan.scan_file, "f1", threshold=THRESHOLD, first=0, min_pixels=20, overwrite=True
+        scan.scan_file, "f1", threshold=THRESHOLD, first=0, min_voxels=20, overwrite=True
     )
     assert big["npeaks"] < all_["npeaks"]
     with h5py.File(scan.scan_file, "r") as f:
@@ -215,7 +216,8 @@ def test_interrupted_write_leaves_no_peaks_group(scan, monkeypatch):
 
 def test_default_threshold_from_settings(scan):
     out = peaks.run(scan.scan_file, "f1", first=0)
-    assert out["threshold"] == 50000.0 and out["min_pixels"] == 10
+    assert out["threshold"] == 50000.0 and out["min_voxels"] == 1
+    assert out["min_pixels"] == 10  # NXRefine's separation: recorded, not used
 
 
 def test_broken_link_raises_data_link_error(scan):
@@ -250,9 +252,9 @@ def test_threshold_from_scan_file_settings_and_nxload(scan):
 
     from nxrefine_bs.nexus.nxreduce import write_parameters
 
-    write_parameters(scan.scan_file, {"threshold": 500.0, "min_pixels": 2, "first_frame": 0})
+    write_parameters(scan.scan_file, {"threshold": 500.0, "min_voxels": 2, "first_frame": 0})
     out = peaks.run(scan.scan_file, "f1")
-    assert (out["threshold"], out["min_pixels"], out["first"]) == (500.0, 2, 0)
+    assert (out["threshold"], out["min_voxels"], out["first"]) == (500.0, 2, 0)
     root = nxload(str(scan.scan_file))
     assert root["f1/peaks"].nxclass == "NXreflections"
     assert root["f1/peaks/x"].shape == (out["npeaks"],)

@@ -156,7 +156,7 @@ def test_resolve_parameters_precedence(tmp_path, server_settings):
         "threshold": 50000,
         "first_frame": 10,
         "last_frame": 3640,
-        "polar_max": 10.0,
+        "polar_max": None,  # every peak (issue 14; NXRefine's default is 10)
         "monitor": "MCS1",
         "norm": 50000,
     }
@@ -175,7 +175,7 @@ def test_resolve_parameters_precedence(tmp_path, server_settings):
         "threshold": 4.0,  # scan file
         "first_frame": 2,  # experiment
         "last_frame": 1,  # server value copied into the experiment file
-        "polar_max": 10.0,  # experiment file (copied before the server changed)
+        "polar_max": 99.0,  # empty (every peak) in the experiment file: the server shows
         "monitor": "MCS2",  # parent (explicit None ignored)
         "norm": 5.0,  # explicit
     }

@@ -33,7 +33,7 @@ Examples
 Traceback (most recent call last):
 ...
 nxrefine_bs.reduce.parameters.ParameterError: unknown parameter 'threshhold' for step \
-'find'; valid: threshold, first, last, min_pixels, swmr
+'find'; valid: threshold, first, last, min_voxels, min_spread, min_pixels, swmr
 """
 
 from __future__ import annotations
@@ -235,7 +235,20 @@ STEP_PARAMETERS: dict[str, tuple[Parameter, ...]] = {
         _p("threshold", "float", "peak threshold (counts)", setting="threshold", flags=("-t",)),
         FIRST,
         LAST,
-        _p("min_pixels", "int", "minimum peak size", setting="min_pixels", flags=("-P",)),
+        _p(
+            "min_voxels",
+            "int",
+            "fewest voxels above threshold in a peak (1: any size)",
+            setting="min_voxels",
+        ),
+        _p("min_spread", "float", "zinger test at the brightest voxel (0: off; see peaks.py)"),
+        _p(
+            "min_pixels",
+            "int",
+            "NXRefine's minimum peak separation (pixels); recorded only",
+            setting="min_pixels",
+            flags=("-P",),
+        ),
         SWMR,
     ),
     "refine": (

@@ -69,6 +69,7 @@ from tqdm import tqdm
 from ..errors import ReductionError
 from ..geometry import Geometry
 from ..nexus.h5tools import write_field
+from ..nexus.nxreduce import store_parameters
 from ..nexus.provenance import now_iso, record_process
 from ..nexus.scanfile import update_scan_file
 from .framestream import (
@@ -344,8 +345,16 @@ class PeakLabeller:
         A pixel is hot if its value is strictly greater.
     masked : ndarray of bool, optional
         Pixel mask (True = masked; never hot).
-    min_pixels : int
+    min_voxels : int
         Minimum number of voxels of a reported feature.
+    min_spread : float
+        Zinger test: smallest shape measure at the brightest voxel (see the module
+        docstring); 0 disables the test.
+
+    Attributes
+    ----------
+    n_zingers : int
+        Features rejected by the shape test so far.
     """
 
     def __init__(
@@ -353,13 +362,19 @@ class PeakLabeller:
         frame_shape: tuple[int, int],
         threshold: float,
         masked: NDArray[np.bool_] | None = None,
-        min_pixels: int = 1,
+        min_voxels: int = 1,
+        *,
+        min_spread: float = DEFAULT_MIN_SPREAD,
     ) -> None:
         ny, nx = (int(v) for v in frame_shape)
         self.nx = nx
         self.npix = ny * nx
         self.threshold = float(threshold)
-        self.min_pixels = int(min_pixels)
+        self.min_voxels = int(min_voxels)
+        self.min_spread = float(min_spread)
+        if not math.isfinite(self.min_spread):
+            raise ReductionError(f"min_spread must be a finite number, got {min_spread!r}")
+        self.n_zingers = 0
         ok = np.ones(self.npix, np.uint8) if masked is None else (~masked).ravel()
         self.ok = np.ascontiguousarray(ok, dtype=np.uint8)
         self.cur_map = np.full(self.npix, -1, dtype=np.int32)
@@ -374,6 +389,7 @@ class PeakLabeller:
         self.out = np.zeros((cap, _NSTAT))
         self.parent = np.empty(2 * cap, dtype=np.int64)
         self.newid = np.empty(2 * cap, dtype=np.int64)
+        self.best = np.empty(cap, dtype=np.int64)
         self.n_open = 0
         self.done: list[NDArray[np.float64]] = []
         self._thr_cache: dict[np.dtype, Any] = {}
@@ -402,6 +418,7 @@ class PeakLabeller:
             self.stats = stats
             self.new_stats = np.zeros((rows, _NSTAT))
             self.out = np.zeros((rows, _NSTAT))
+            self.best = np.empty(rows, dtype=np.int64)
 
     def add_frame(self, frame: NDArray, z: int) -> None:
         """Process frame number ``z`` (frames must come in increasing, consecutive order)."""
@@ -411,7 +428,7 @@ class PeakLabeller:
         thr = self._typed_threshold(row.dtype)
         nh = _threshold(row, self.ok, thr, self.hot_idx, self.hot_val)
         self._ensure(self.n_open + nh, max(self.n_open, nh))
-        n_new, n_out = _link_frame(
+        n_new, n_out, n_zingers = _link_frame(
             self.hot_idx,
             self.hot_val,
             nh,
@@ -427,8 +444,13 @@ class PeakLabeller:
             self.newid,
             self.new_stats,
             self.out,
-            self.min_pixels,
+            self.min_voxels,
+            self.min_spread,
+            row,
+            self.ok,
+            self.best,
         )
+        self.n_zingers += n_zingers
         if n_out:
             self.done.append(self.out[:n_out].copy())
         self.stats, self.new_stats = self.new_stats, self.stats
@@ -437,13 +459,18 @@ class PeakLabeller:
         self.n_prev_hot = nh
 
     def finish(self) -> NDArray[np.float64]:
-        """Complete the open features and return all moments, shape ``(n, 8)``.
+        """Complete the open features and return all moments, shape ``(n, 10)``.
 
         Columns: voxel count, sum w, sum w x, sum w y, sum w z, sum w x^2, sum w y^2,
-        sum w z^2.  The labeller is reset for a new stack.
+        sum w z^2, brightest value, shape measure at the brightest voxel.  The labeller
+        is reset for a new stack (:attr:`n_zingers` keeps counting).
         """
         open_rows = self.stats[: self.n_open]
-        keep = open_rows[:, 0] >= self.min_pixels
+        keep = open_rows[:, 0] >= self.min_voxels
+        if self.min_spread > 0:
+            zinger = keep & (open_rows[:, 9] < self.min_spread)
+            self.n_zingers += int(zinger.sum())
+            keep &= ~zinger
         parts = [*self.done, open_rows[keep].copy()]
         for j in range(self.n_prev_hot):
             self.prev_map[self.prev_hot[j]] = -1
@@ -474,6 +501,7 @@ def peak_table_from_moments(
         "sigz": np.sqrt(varz),
         "intensity": sw.copy(),
         "npixels": m[:, 0].copy(),
+        "spread": m[:, 9].copy(),
     }
     out = {k: np.ascontiguousarray(v[order], dtype=np.float64) for k, v in out.items()}
     if geometry is not None and len(out["x"]):
@@ -492,20 +520,45 @@ def find_peaks(
     threshold: float,
     masked: NDArray[np.bool_] | None = None,
     *,
-    min_pixels: int = 1,
+    min_voxels: int = 1,
+    min_spread: float = DEFAULT_MIN_SPREAD,
     geometry: Geometry | None = None,
     progress: bool = False,
+    stats: dict[str, int] | None = None,
 ) -> dict[str, NDArray[np.float64]]:
     """Search frames ``[first, last)`` of ``stream`` for peaks (see the module docstring).
+
+    Parameters
+    ----------
+    stream : FrameStream
+        The entry's frames.
+    first, last : int
+        Frame range ``[first, last)``.
+    threshold : float
+        Pixels strictly above it are hot.
+    masked : ndarray of bool, optional
+        Pixel mask (True = masked).
+    min_voxels : int
+        Fewest voxels above threshold of a peak.
+    min_spread : float
+        Zinger test (0 disables it).
+    geometry : Geometry, optional
+        For the polar and azimuthal angles.
+    progress : bool
+        Show a progress bar.
+    stats : dict, optional
+        Receives ``"zingers"``: the number of features rejected by the shape test.
 
     Returns
     -------
     dict
-        1-D float64 arrays ``x, y, z, sigx, sigy, sigz, intensity, npixels,
+        1-D float64 arrays ``x, y, z, sigx, sigy, sigz, intensity, npixels, spread,
         polar_angle, azimuthal_angle`` (angles only if ``geometry`` is given, else 0),
         sorted by ``z``.
     """
-    labeller = PeakLabeller(stream.frame_shape, threshold, masked, min_pixels)
+    labeller = PeakLabeller(
+        stream.frame_shape, threshold, masked, min_voxels, min_spread=min_spread
+    )
     with tqdm(
         total=max(0, last - first),
         disable=not progress,
@@ -516,7 +569,10 @@ def find_peaks(
             for j in range(block.shape[0]):
                 labeller.add_frame(block[j], start + j)
             bar.update(block.shape[0])
-    return peak_table_from_moments(labeller.finish(), geometry)
+    table = peak_table_from_moments(labeller.finish(), geometry)
+    if stats is not None:
+        stats["zingers"] = labeller.n_zingers
+    return table
 
 
 # --------------------------------------------------------------------------- step
@@ -529,6 +585,8 @@ def run(
     threshold: float | None = None,
     first: int | None = None,
     last: int | None = None,
+    min_voxels: int | None = None,
+    min_spread: float = DEFAULT_MIN_SPREAD,
     min_pixels: int | None = None,
     overwrite: bool = False,
     progress: bool = False,
@@ -548,8 +606,15 @@ def run(
     first, last : int, optional
         Frame range ``[first, last)``; default: settings ``first_frame`` /
         ``last_frame``, clipped to the stack.
+    min_voxels : int, optional
+        Fewest voxels above threshold of a peak (default: settings ``min_voxels``, 1:
+        any size).
+    min_spread : float
+        Zinger test: smallest shape measure at a peak's brightest voxel (module
+        docstring); 0 disables it.
     min_pixels : int, optional
-        Minimum voxels per peak (default: settings ``min_pixels``, 10).
+        NXRefine's minimum peak separation (default: settings ``min_pixels``, 10);
+        recorded with the peaks for NXRefine, never used to drop peaks.
     overwrite : bool
         Search again even if ``nxfind`` is recorded (results are replaced).
     progress : bool
@@ -560,7 +625,8 @@ def run(
     Returns
     -------
     dict
-        ``entry``, ``skipped``, ``npeaks``, ``first``, ``last``, ``threshold``,
+        ``entry``, ``skipped``, ``npeaks``, ``zingers`` (features rejected by the
+        shape test), ``first``, ``last``, ``threshold``, ``min_voxels``, ``min_spread``,
         ``min_pixels``, ``elapsed_s``.
 
     Raises
@@ -577,11 +643,12 @@ def run(
     if skipped is not None:
         return skipped
     params = step_parameters(
-        ("threshold", "first_frame", "last_frame", "min_pixels"),
+        ("threshold", "first_frame", "last_frame", "min_voxels", "min_pixels"),
         {
             "threshold": threshold,
             "first_frame": first,
             "last_frame": last,
+            "min_voxels": min_voxels,
             "min_pixels": min_pixels,
         },
         scan_file,
@@ -593,7 +660,16 @@ def run(
             "set it with threshold=... or in settings [nxreduce] threshold"
         )
     thr = float(thr)
-    npix_min = max(1, int(params["min_pixels"]))
+    nvox_min = max(1, int(params["min_voxels"]))
+    separation = params["min_pixels"]
+    separation = int(separation) if separation is not None else None
+    spread = float(min_spread)
+    if not math.isfinite(spread) or spread >= 1.0:
+        raise ReductionError(
+            f"{scan_file}:/{entry}: min_spread must be a number below 1 (0 disables the zinger "
+            f"test), got {min_spread!r}"
+        )
+    counts: dict[str, int] = {}
     with open_frames(scan_file, entry, swmr=swmr) as stream:
         lo, hi, masked = frame_window(
             stream, geometry, params["first_frame"], params["last_frame"], scan_file, entry
@@ -604,9 +680,11 @@ def run(
             hi,
             thr,
             masked,
-            min_pixels=npix_min,
+            min_voxels=nvox_min,
+            min_spread=spread,
             geometry=geometry,
             progress=progress,
+            stats=counts,
         )
     npeaks = len(peaks["x"])
     if npeaks == 0:
@@ -619,17 +697,23 @@ def run(
         group.attrs["first"] = lo
         group.attrs["last"] = hi
         group.attrs["threshold"] = thr
-        group.attrs["min_pixels"] = npix_min
+        group.attrs["min_voxels"] = nvox_min
+        group.attrs["min_spread"] = spread
+        if separation is not None:
+            group.attrs["min_pixels"] = separation
         for name in FIELDS:
             units = "degree" if name.endswith("angle") else None
             write_field(group, name, peaks[name].astype(np.float64), units=units)
 
     summary = {
         "npeaks": npeaks,
+        "zingers": counts.get("zingers", 0),
         "first": lo,
         "last": hi,
         "threshold": thr,
-        "min_pixels": npix_min,
+        "min_voxels": nvox_min,
+        "min_spread": spread,
+        "min_pixels": separation,
     }
     with update_scan_file(scan_file) as f:
         group = f[entry]
@@ -641,11 +725,15 @@ def run(
                 "threshold": thr,
                 "first_frame": lo,
                 "last_frame": hi,
-                "min_pixels": npix_min,
+                "min_voxels": nvox_min,
+                "min_spread": spread,
+                "min_pixels": separation,
             },
             start_time=start_time,
             summary=summary,
         )
+        # the parameters used, where NXRefine reads them (/entry/nxreduce)
+        store_parameters(f, {"threshold": thr, "first_frame": lo, "last_frame": hi})
     elapsed = time.perf_counter() - t0
     logger.info(
         "%s:%s: nxfind %d peaks in frames %d-%d (%.2f s)", scan_file, entry, npeaks, lo, hi, elapsed
