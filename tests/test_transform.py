@@ -12,14 +12,20 @@ from nxrefine_bs.errors import FileExistsNXError, ReductionError
 from nxrefine_bs.geometry import Geometry
 from nxrefine_bs.nexus.geometry_io import read_geometry, read_ub
 from nxrefine_bs.nexus.provenance import process_done, read_process, remove_process
+from nxrefine_bs.plots import plot_slice
 from nxrefine_bs.reduce import transform
 from nxrefine_bs.reduce.grid import (
     GridAxis,
     QGrid,
     axis_from_range,
+    data_grid,
     default_axis,
+    grid_budget,
     make_grid,
     nice_step,
+    nice_step_up,
+    q_resolution,
+    reached_hkl,
 )
 from nxrefine_bs.simulation.scan import make_simulated_scan
 
@@ -156,8 +162,8 @@ def test_frame_weights(sim, tmp_path):
     with h5py.File(sim.scan_file, "r") as f:
         fe = f["f1"]
         mon = fe["monitor/MCS1"][()]
-        w1 = transform.frame_weights(fe, 360)
-        w = transform.frame_weights(fe, 360, norm=50000.0, first=10, last=349)
+        w1 = transform.frame_weights(fe, 360, first=0, last=360)
+        w = transform.frame_weights(fe, 360, norm=50000.0, first=10, last=350)
     assert np.all(w1 == 1.0)
     assert np.all(w[:10] == 0) and np.all(w[350:] == 0)
     # smoothed monitor / norm follows the drift of the raw monitor
@@ -231,16 +237,16 @@ def test_missing_orientation_and_mask(tmp_path):
 
 def test_overwrite_semantics(tmp_path):
     sim = make_simulated_scan(tmp_path, n_frames=8, write_truth_orientation=True)
-    first = transform.run(sim.scan_file, "f1", **COARSE)
+    first = transform.run(sim.scan_file, "f1", first=0, last=8, **COARSE)
     out = first["file"]
     mtime = os.path.getmtime(out)
-    again = transform.run(sim.scan_file, "f1", **COARSE)
+    again = transform.run(sim.scan_file, "f1", first=0, last=8, **COARSE)
     assert again["status"] == "skipped"
     assert os.path.getmtime(out) == mtime
     with h5py.File(sim.scan_file, "r+") as f:
         remove_process(f["f1"], "nxtransform")
     with pytest.raises(FileExistsNXError, match="overwrite=True"):
-        transform.run(sim.scan_file, "f1", **COARSE)
+        transform.run(sim.scan_file, "f1", first=0, last=8, **COARSE)
     redo = transform.run(sim.scan_file, "f1", overwrite=True, first=2, last=5, **COARSE)
     assert redo["status"] == "done" and redo["frames"] == [2, 5]
     with h5py.File(sim.scan_file, "r") as f:
@@ -252,10 +258,10 @@ def test_overwrite_semantics(tmp_path):
 def test_plot_slice(tmp_path):
     sim = make_simulated_scan(tmp_path, n_frames=40, write_truth_orientation=True)
     res = transform.run(sim.scan_file, "f1", **COARSE)
-    png = transform.plot_slice(res["file"], "l", 0.0, tmp_path / "hk0.png")
+    png = plot_slice(res["file"], "l", 0.0, tmp_path / "hk0.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ReductionError):
-        transform.plot_slice(res["file"], "l", 99.0, tmp_path / "x.png")
+        plot_slice(res["file"], "l", 99.0, tmp_path / "x.png")
 
 
 def test_transform_memory_is_the_grid_plus_a_few_frames(tmp_path):
@@ -277,3 +283,102 @@ def test_transform_memory_is_the_grid_plus_a_few_frames(tmp_path):
         tracemalloc.stop()
     assert stack_bytes > 60e6  # the whole stack would be noticed
     assert peak < grid_bytes + 0.5 * stack_bytes, (peak, grid_bytes, stack_bytes)
+
+
+# ----------------------------------------------------------------------------- sizes, threads
+def test_data_grid_covers_the_reach_at_the_data_resolution(sim):
+    g = sim.geometries["f1"]
+    ub = sim.crystal.UB
+    grid = data_grid(g, ub, sim.crystal.cell, (0, 360))
+    lo, hi = reached_hkl(g, ub, (0, 360))
+    rec = 1.0 / np.array(sim.crystal.cell[:3])  # cubic: a* = 1/a (no 2 pi)
+    for i, ax in enumerate(grid.axes):
+        assert ax.start <= lo[i] and ax.stop >= hi[i]  # everything reached is inside
+        assert ax.stop - ax.start <= hi[i] - lo[i] + 4 * ax.step  # and little else
+        assert ax.step >= q_resolution(g) / rec[i] * (1 - 1e-9)  # not finer than the data
+        assert ax.step == nice_step_up(ax.step) and ax.n <= 1001
+    # every pixel of a few frames lands inside the grid
+    yy, xx = np.mgrid[0:195:7, 0:235:7]
+    for z in (0, 180, 359):
+        hkl = g.pixel_to_hkl(xx, yy, np.full(xx.shape, z), ub).reshape(-1, 3)
+        assert (grid.flat_index(hkl) >= 0).all()
+    capped = data_grid(g, ub, sim.crystal.cell, (0, 360), max_points=101)
+    assert max(ax.n for ax in capped.axes) <= 101
+    # the step makes transform.run's default grid: make_grid with ub and frames
+    assert make_grid(g, sim.crystal.cell, ub=ub, frames=(0, 360)) == grid
+
+
+def test_grid_budget_states_sizes_and_refuses_what_does_not_fit(tmp_path):
+    grid = make_grid(Geometry(), (6, 6, 6, 90, 90, 90), qh=(-10, 0.02, 10),
+                     qk=(-10, 0.02, 10), ql=(-10, 0.02, 10))  # fmt: skip
+    ok = grid_budget(grid, tmp_path, frame_shape=(1679, 1475), memory=64e9, disk=64e9)
+    assert ok.grid_bytes == 8 * 1001**3
+    assert ok.grid_bytes < ok.memory_bytes < ok.grid_bytes + 2e9
+    assert "1,003,003,001 voxels" in ok.describe() and "8.02 GB" in ok.describe()
+    with pytest.raises(ReductionError, match=r"needs \d+\.\d+ GB of memory but 4\.00 GB") as e:
+        grid_budget(grid, tmp_path, frame_shape=(1679, 1475), memory=4e9, disk=64e9)
+    assert "--qh/--qk/--ql" in str(e.value) and "coarser step" in str(e.value)
+    with pytest.raises(ReductionError, match=r"writes 8\.\d+ GB .* only 1\.00 GB is free"):
+        grid_budget(grid, tmp_path, frame_shape=(1679, 1475), memory=64e9, disk=1e9)
+    # with compression the disk figure is an upper bound: a warning, not a refusal
+    grid_budget(grid, tmp_path, frame_shape=(1679, 1475), memory=64e9, disk=1e9, compressed=True)
+
+
+def test_transform_refuses_a_grid_larger_than_memory_before_allocating(tmp_path):
+    """A grid-refusal test: 10^12 voxels are refused up front with the numbers."""
+    import tracemalloc
+
+    sim = make_simulated_scan(tmp_path, n_frames=4, write_truth_orientation=True)
+    huge = {"qh": (-5, 0.001, 5), "qk": (-5, 0.001, 5), "ql": (-5, 0.001, 5)}
+    tracemalloc.start()
+    try:
+        with pytest.raises(ReductionError, match=r"1,000,300,030,001 voxels\) needs \d+\.\d+ GB of memory"):
+            transform.run(sim.scan_file, "f1", first=0, last=4, **huge)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 200e6  # nothing grid-sized was allocated
+    assert not (sim.scan_dir / "f1_transform.nxs").exists()
+    with h5py.File(sim.scan_file, "r") as f:
+        assert not process_done(f["f1"], "nxtransform")
+
+
+@pytest.mark.parametrize("nthreads", [2, 3])
+def test_threads_give_the_one_thread_sums(sim, nthreads):
+    """The banded multi-thread accumulator adds exactly what one thread adds."""
+    g = sim.geometries["f1"]
+    ub = sim.crystal.UB
+    grid = make_grid(g, sim.crystal.cell, qh=(-4, 0.05, 4), qk=(-4, 0.05, 4), ql=(-4, 0.05, 4))
+    frames = sim.simulators["f1"].frames(40, 72)
+    fw = np.ones(32)
+    pw = transform.polarization_factor(g) * (sim.simulators["f1"].detector.mask == 0)
+    out = {}
+    for nt in (1, nthreads):
+        with transform.Accumulator(grid, g, ub, pw, nthreads=nt) as acc:
+            for b in range(0, 32, 16):
+                acc.add(frames[b : b + 16], 40 + b, fw[b : b + 16])
+            out[nt] = (acc.v.astype(np.float64), acc.n.astype(np.float64), acc.added, acc.total)
+            assert acc.nthreads == nt
+    v1, n1, a1, t1 = out[1]
+    vt, nt_, at, tt = out[nthreads]
+    assert at == a1 and tt == t1  # same pixels, same exact (float64) count total
+    assert vt.sum() == v1.sum()  # integer counts: float32 voxel sums are exact
+    np.testing.assert_array_equal(vt, v1)
+    np.testing.assert_allclose(nt_, n1, rtol=1e-6)
+
+
+def test_run_defaults_to_one_thread_per_core_compresses_and_sizes_chunks(tmp_path):
+    sim = make_simulated_scan(tmp_path, n_frames=12, write_truth_orientation=True)
+    grid = {"qh": (-3, 0.05, 3), "qk": (-3, 0.05, 3), "ql": (-2, 0.05, 2)}
+    plain = transform.run(sim.scan_file, "f1", nthreads=1, **grid)
+    packed = transform.run(
+        sim.scan_file, "f1", overwrite=True, compression="gzip", nthreads=None, **grid
+    )
+    assert packed["threads"] == transform.transform_threads(None) >= 1
+    assert plain["counts"] == packed["counts"] and plain["pixels"] == packed["pixels"]
+    assert packed["output_gb"] == pytest.approx(8 * 121 * 121 * 81 / 1e9, abs=1e-3)
+    with h5py.File(packed["file"], "r") as f:
+        v = f["entry/data/v"]
+        assert v.compression == "gzip" and v.chunks == (41, 61, 61)
+        assert v[()].sum() == pytest.approx(packed["counts"], rel=1e-6)
+    assert transform.grid_chunks((1001, 1001, 1001)) == (63, 63, 63)

@@ -48,6 +48,7 @@ from ..errors import FileExistsNXError, ReductionError
 from ..nexus.codecs import ChunkReader, ensure_plugins
 from ..nexus.geometry_io import read_cell, read_geometry, read_ub
 from ..nexus.h5tools import read_field, write_field
+from ..nexus.nxreduce import store_parameters
 from ..nexus.provenance import now_iso, process_done, record_process
 from ..nexus.scanfile import open_scan_file, update_scan_file
 from .accumulator import (
@@ -59,6 +60,7 @@ from .accumulator import (
 )
 from .framestream import available_cores, open_frames
 from .grid import grid_budget, make_grid
+from .parameters import settings_values
 from .transform_io import (
     CHUNK,
     _external_target,
@@ -177,7 +179,6 @@ def run(
     compression: str | None = None,
     overwrite: bool = False,
     progress: bool = False,
-    **_: Any,
 ) -> dict[str, Any]:
     """Transform rotation ``entry`` (``f1``...) of ``scan_file`` into an HKL grid.
 
@@ -188,19 +189,27 @@ def run(
     entry : str
         Rotation entry, e.g. ``"f1"``.
     qh, qk, ql : (min, step, max), optional
-        Grid axes in r.l.u.; NXRefine's default for any not given.
+        Grid axes in r.l.u.; any not given follows the data
+        (:func:`~nxrefine_bs.reduce.grid.data_grid`).  A grid that would not fit in
+        memory or on disk is refused before anything is allocated.
     mask : bool
         Apply the 3-D mask of ``nxprepare_mask`` (writes the *masked* transform).
     first, last : int, optional
-        Frame range used (default: ``fN/data`` attributes, else every frame).
+        Frames ``first <= z < last`` (default: ``fN/data`` attributes written by the
+        ``max`` step, else :func:`~nxrefine_bs.reduce.parameters.resolve_frame_range`).
     norm : float, optional
         Monitor normalisation; frames are weighted by the smoothed monitor / norm.
+    monitor : str, optional
+        Monitor channel or group (see :mod:`nxrefine_bs.nexus.monitors`).
     polarization : float
         pyFAI polarization factor used if the entry has no ``polarization`` array.
-    nthreads : int
-        Threads for the race-free banded kernel (1 = serial).
+    nthreads : int, optional
+        Threads of the race-free banded kernel (1 = serial; default: one per core).
     block_frames : int
         Frames per kernel block.
+    compression : str, optional
+        Compress ``v`` and ``n`` with this codec (``gzip``, ``lz4``, ``bslz4``, ``zstd``...;
+        see :func:`nxrefine_bs.nexus.codecs.compression_options`).
     overwrite : bool
         Redo a completed transform and replace its file.
     progress : bool
@@ -210,7 +219,7 @@ def run(
     -------
     dict
         Summary: ``status``, ``file``, ``grid``, ``frames``, ``pixels``, ``counts``,
-        ``seconds``, ``mpix_per_s``.
+        ``seconds``, ``mpix_per_s``, ``threads``, ``memory_gb``, ``output_gb``.
 
     Raises
     ------
@@ -250,9 +259,9 @@ def run(
                 "(instrument/detector/orientation_matrix); run the 'refine' step first"
             )
         geometry = read_geometry(fe)
-        grid = make_grid(geometry, cell, qh=qh, qk=qk, ql=ql)
         pixel_weight = read_pixel_weight(fe, geometry, polarization)
         mask_file: Path | None = None
+        mask_path = ""
         if mask:
             if not process_done(fe, "nxprepare_mask") or "data_mask" not in fe["data"]:
                 raise ReductionError(
@@ -260,53 +269,46 @@ def run(
                     "before a masked transform"
                 )
             mask_file, mask_path = _external_target(scan_file, fe["data"], "data_mask")
+    ensure_plugins()
     with h5py.File(raw_file, "r") as rf:
         raw = rf[raw_path]
         n_frames = raw.shape[0]
+        itemsize = raw.dtype.itemsize
         if tuple(raw.shape[1:]) != tuple(geometry.shape):
             raise ReductionError(
                 f"{raw_file}:{raw_path} frames {raw.shape[1:]} != detector shape {geometry.shape}"
             )
     with open_scan_file(scan_file) as f:
-        weights = frame_weights(f[entry], n_frames, norm=norm, first=first, last=last)
+        weights = frame_weights(
+            f[entry], n_frames, norm=norm, first=first, last=last, monitor=monitor
+        )
     lo = int(np.argmax(weights > 0)) if (weights > 0).any() else 0
     hi = int(len(weights) - np.argmax(weights[::-1] > 0)) if (weights > 0).any() else 0
-    nbytes = 8 * grid.size
+    grid = make_grid(geometry, cell, qh=qh, qk=qk, ql=ql, ub=ub, frames=(lo, max(hi, lo + 1)))
+    bf = max(1, int(block_frames))
+    budget = grid_budget(
+        grid,
+        out.parent,
+        frame_shape=tuple(geometry.shape),  # type: ignore[arg-type]
+        frame_itemsize=itemsize,
+        buffered_frames=3 * bf,
+        compressed=compression is not None,
+    )
+    threads = transform_threads(nthreads)
     logger.info(
-        "%s: transforming frames %d..%d onto %s (%.2f GB)",
+        "%s: transforming frames %d..%d with %d thread(s); %s",
         _where(scan_file, entry),
         lo,
         hi - 1,
-        grid.describe(),
-        nbytes / 1e9,
+        threads,
+        budget.describe(),
     )
     t0 = time.perf_counter()
-    acc = Accumulator(grid, geometry, ub, pixel_weight, nthreads=nthreads)
+    acc = Accumulator(grid, geometry, ub, pixel_weight, nthreads=threads)
     try:
-        with h5py.File(raw_file, "r") as rf:
-            raw = rf[raw_path]
-            mf = h5py.File(mask_file, "r") if mask_file is not None else None
-            try:
-                mds = mf[mask_path] if mf is not None else None
-                bf = max(1, int(block_frames))
-                buf = np.empty((bf,) + tuple(geometry.shape), dtype=raw.dtype)
-                mbuf = np.empty((bf,) + tuple(geometry.shape), dtype=np.int8) if mds else None
-                for i0 in tqdm(
-                    range(lo, hi, bf), disable=not progress, desc=f"{entry} transform", unit="block"
-                ):
-                    i1 = min(hi, i0 + bf)
-                    nb = i1 - i0
-                    raw.read_direct(buf, np.s_[i0:i1], np.s_[0:nb])
-                    m3 = None
-                    if mds is not None and mbuf is not None:
-                        mds.read_direct(mbuf, np.s_[i0:i1], np.s_[0:nb])
-                        m3 = mbuf[:nb]
-                    acc.add(buf[:nb], i0, weights[i0:i1], m3)
-            finally:
-                if mf is not None:
-                    mf.close()
+        _accumulate(acc, scan_file, entry, mask_file, mask_path, weights, lo, hi, bf, progress)
         t_kernel = time.perf_counter() - t0
-        write_transform_file(out, grid, acc)
+        write_transform_file(out, grid, acc, compression=compression)
     finally:
         acc.close()
     seconds = time.perf_counter() - t0
@@ -316,11 +318,13 @@ def run(
         "entry": entry,
         "file": str(out),
         "grid": [list(a.as_range()) for a in grid.axes],
-        "frames": [lo, hi - 1],
+        "frames": [lo, hi],
         "pixels": int(acc.added),
         "counts": float(acc.total),
         "seconds": round(seconds, 3),
         "mpix_per_s": round(npix / max(t_kernel, 1e-9) / 1e6, 2),
+        "threads": acc.nthreads,
+        **budget.as_dict(),
     }
     with update_scan_file(scan_file) as f:
         fe = f[entry]
@@ -336,14 +340,18 @@ def run(
                 "ql": list(grid.l.as_range()),
                 "mask": bool(mask),
                 "first": lo,
-                "last": hi - 1,
+                "last": hi,
                 "norm": norm,
+                "monitor": monitor,
                 "polarization": polarization,
                 "nthreads": acc.nthreads,
+                "compression": compression,
             },
             start_time=start_time,
             summary=summary,
         )
+        used = {"first": lo, "last": hi, "norm": norm, "monitor": monitor}
+        store_parameters(f, settings_values("transform", used))  # where NXRefine reads them
     logger.info(
         "%s: %d pixels in %.1f s (%.1f Mpix/s) -> %s",
         _where(scan_file, entry),
@@ -353,92 +361,3 @@ def run(
         out,
     )
     return summary
-
-
-# ----------------------------------------------------------------------------- plot
-def plot_slice(
-    transform_file: str | os.PathLike[str],
-    axis: str = "l",
-    value: float = 0.0,
-    png: str | os.PathLike[str] = "slice.png",
-    *,
-    vmin: float | None = None,
-    vmax: float | None = None,
-) -> Path:
-    """Save a PNG of one slice (e.g. HK0) of a transform with a log colour scale.
-
-    Parameters
-    ----------
-    transform_file : path-like
-        A per-entry or combined transform file.  Plots ``/entry/data/data`` if present
-        (combined), else ``v / n``.
-    axis : {"h", "k", "l"}
-        Axis held fixed.
-    value : float
-        Its value in r.l.u. (the nearest grid plane is used).
-    png : path-like
-        Output file.
-    vmin, vmax : float, optional
-        Colour limits (default: positive 1st and 99.9th percentiles).
-
-    Returns
-    -------
-    pathlib.Path
-        The PNG written.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
-
-    axis = axis.lower()
-    order = {"l": 0, "k": 1, "h": 2}
-    if axis not in order:
-        raise ReductionError(f"plot axis must be one of h, k, l, got {axis!r}")
-    grid, f = read_transform(transform_file)
-    with f:
-        data = f["entry/data"]
-        ax_obj = {"h": grid.h, "k": grid.k, "l": grid.l}[axis]
-        i = int(ax_obj.index(value))
-        if not 0 <= i < ax_obj.n:
-            raise ReductionError(
-                f"{axis} = {value} is outside the grid {ax_obj.start:g}..{ax_obj.stop:g}"
-            )
-        sel: list[Any] = [slice(None)] * 3
-        sel[order[axis]] = i
-        if "data" in data:
-            img = np.asarray(data["data"][tuple(sel)], dtype=np.float64)
-        else:
-            v = np.asarray(data["v"][tuple(sel)], dtype=np.float64)
-            n = np.asarray(data["n"][tuple(sel)], dtype=np.float64)
-            img = np.divide(v, n, out=np.zeros_like(v), where=n > 0)
-    others = [a for a in ("h", "k", "l") if a != axis]  # x = first (fastest), y = second
-    ax_x = {"h": grid.h, "k": grid.k, "l": grid.l}[others[0]]
-    ax_y = {"h": grid.h, "k": grid.k, "l": grid.l}[others[1]]
-    # img is (slow, fast) = (y, x) in storage order [l, k, h] minus the fixed axis.
-    pos = img[img > 0]
-    lo_c = vmin if vmin is not None else (float(np.percentile(pos, 1)) if pos.size else 1e-3)
-    hi_c = vmax if vmax is not None else (float(np.percentile(pos, 99.9)) if pos.size else 1.0)
-    hi_c = max(hi_c, lo_c * 10)
-    fig, axp = plt.subplots(figsize=(6.4, 5.6), dpi=100)
-    masked = np.ma.masked_less_equal(img, 0)
-    im = axp.imshow(
-        masked,
-        origin="lower",
-        extent=(ax_x.start, ax_x.stop, ax_y.start, ax_y.stop),
-        norm=LogNorm(vmin=lo_c, vmax=hi_c),
-        cmap="viridis",
-        aspect="auto",
-        interpolation="nearest",
-    )
-    axp.set_xlabel(f"{others[0].upper()} (r.l.u.)")
-    axp.set_ylabel(f"{others[1].upper()} (r.l.u.)")
-    axp.set_title(
-        f"{Path(transform_file).name}: {axis.upper()} = {round(float(ax_obj.values[i]), 6):g}"
-    )
-    fig.colorbar(im, ax=axp)
-    png = Path(png)
-    fig.savefig(png)
-    plt.close(fig)
-    return png
