@@ -301,6 +301,53 @@ def test_import_matches_simulator(qm2, s10, tree):
     assert root["f2/data/data"].shape == (N_FRAMES, 120, 80)
 
 
+def test_simulated_spec_file_as_silx_reads_it(qm2, s10):
+    """The simulator writes real-format SPEC: silx reads it, names and MCA lines included."""
+    from silx.io.specfile import SpecFile as SilxSpecFile
+
+    tree = make_tree(qm2, mca_channels=40, n_frames=4)
+    text = tree.spec_file.read_text()
+    assert "#O0    phi  chi  th  Two Theta\n" in text
+    assert "#O1    sample x  sample y  sample z\n" in text
+    continued = [line for line in text.splitlines() if line.endswith("\\")]
+    assert len(continued) == 2 * 4 * 4  # 40 channels: 2 continued lines per frame
+    silx_file = SilxSpecFile(str(tree.spec_file))
+    try:
+        assert list(silx_file.keys()) == ["1.1", "2.1", "3.1", "4.1"]
+        for rot, silx_scan in zip(tree.rotations, silx_file, strict=True):
+            assert silx_scan.labels == ["phi", "Epoch", "Seconds", "flyc1", "flyc2", "sampleT"]
+            np.testing.assert_array_equal(silx_scan.data_column_by_name("flyc1"), rot.flyc1)
+            np.testing.assert_array_equal(silx_scan.data_column_by_name("sampleT"), rot.temperature)
+            assert silx_scan.motor_names[3:5] == ["Two Theta", "sample x"]
+            assert silx_scan.motor_position_by_name("chi") == pytest.approx(rot.spec_chi)
+            assert len(silx_scan.mca) == 4 and len(silx_scan.mca[0]) == 40
+    finally:
+        silx_file.close()
+
+
+def test_import_real_format_spec(qm2, s10):
+    """Motor names with single spaces inside and MCA lines with '\\' continuations."""
+    tree = make_tree(qm2, mca_channels=40, n_frames=4)
+    written = QM2Beamline().import_data(qm2, "s10", SAMPLE, LABEL, scans=["300Kb"])
+    with h5py.File(written[0], "r") as f:
+        for rot in tree.scan("300Kb"):
+            fe = f[rot.entry]
+            assert fe["scan_number"][()] == rot.scan_number
+            assert fe["instrument/logs/spec_scan"][()].decode() == f"{rot.scan_number}.1"
+            np.testing.assert_array_equal(fe["data/data"][()], rot.simulator.frames())
+            np.testing.assert_array_equal(fe["monitor/flyc1"][()], rot.flyc1)
+            np.testing.assert_array_equal(fe["instrument/logs/sampleT"][()], rot.temperature)
+            assert fe["instrument/goniometer/chi"][()] == pytest.approx(90.0 - rot.spec_chi)
+            assert fe["instrument/goniometer/theta"][()] == pytest.approx(rot.spec_th)
+            positions = fe["instrument/logs/positioners"]
+            assert positions["Two_Theta"].attrs["spec_name"] == "Two Theta"
+            assert positions["sample_y"][()] == -1.5
+    paths = qm2.scan_paths(SAMPLE, LABEL, "300Kb")
+    assert QM2Beamline().read_monitor(paths, "f2", "flyc2").tolist() == list(
+        tree.scan("300Kb")[1].flyc2
+    )
+
+
 def test_import_refuses_to_replace(qm2, s10, tree):
     beamline = QM2Beamline()
     written = beamline.import_data(qm2, "s10", SAMPLE, LABEL)
