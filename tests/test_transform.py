@@ -332,7 +332,8 @@ def test_transform_refuses_a_grid_larger_than_memory_before_allocating(tmp_path)
     huge = {"qh": (-5, 0.001, 5), "qk": (-5, 0.001, 5), "ql": (-5, 0.001, 5)}
     tracemalloc.start()
     try:
-        with pytest.raises(ReductionError, match=r"1,000,300,030,001 voxels\) needs \d+\.\d+ GB of memory"):
+        refused = r"1,000,300,030,001 voxels\) needs \d+\.\d+ GB of memory"
+        with pytest.raises(ReductionError, match=refused):
             transform.run(sim.scan_file, "f1", first=0, last=4, **huge)
         _, peak = tracemalloc.get_traced_memory()
     finally:
