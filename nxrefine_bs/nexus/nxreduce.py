@@ -88,11 +88,15 @@ def read_parameters(scan_file: str | os.PathLike[str]) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def store_parameters(root: h5py.File, params: Mapping[str, Any]) -> dict[str, Any]:
+def store_parameters(
+    root: h5py.File, params: Mapping[str, Any], *, known_only: bool = False
+) -> dict[str, Any]:
     """Write reduction parameters into ``/entry/nxreduce`` of a file open for writing.
 
     Used by the reduction steps inside their own update of the scan file, so the
-    parameters a step used are where NXRefine reads them.  None values remove the key.
+    parameters a step used are where NXRefine reads them.  None values remove the key;
+    with ``known_only`` keys that are not reduction settings are skipped (a step's
+    NXprocess parameters can be passed as they are).
 
     Returns
     -------
@@ -106,7 +110,12 @@ def store_parameters(root: h5py.File, params: Mapping[str, Any]) -> dict[str, An
     """
     parsed: dict[str, Any] = {}
     for key, value in params.items():
-        spec = parameter_spec(key)
+        try:
+            spec = parameter_spec(key)
+        except SettingsError:
+            if known_only:
+                continue
+            raise
         try:
             parsed[key] = spec.parse(value)
         except ValueError as exc:

@@ -54,10 +54,11 @@ from tqdm import tqdm
 
 from ..errors import FileExistsNXError, PathSafetyError, ReductionError
 from ..nexus.h5tools import nx_group, read_field, write_external_link
+from ..nexus.nxreduce import store_parameters
 from ..nexus.provenance import now_iso, process_done, record_process
 from ..nexus.scanfile import open_scan_file, update_scan_file
-from .parameters import resolve_frame_range
 from .framestream import FrameStream, open_frames
+from .parameters import resolve_frame_range, settings_values
 from .transform import _external_target, scan_directory
 
 logger = logging.getLogger(__name__)
@@ -459,8 +460,8 @@ def run(
             if pixel_mask is not None and np.shape(pixel_mask) == (ny, nx)
             else np.zeros((ny, nx), dtype=bool)
         )
-        lo = 0 if first is None else max(0, int(first))
-        hi = nf - 1 if last is None else min(nf - 1, int(last))
+        lo, stop = resolve_frame_range(first, last, nf)  # frames lo <= j < stop
+        hi = stop - 1  # inclusive bound of the masking loop
         masked = _write_mask(
             stream,
             tmp,
@@ -477,7 +478,7 @@ def run(
         "status": "done",
         "entry": entry,
         "file": str(out),
-        "frames": [lo, hi],
+        "frames": [lo, stop],
         "masked_fraction": masked / float(nf * ny * nx),
         "seconds": round(seconds, 3),
     }
@@ -487,10 +488,12 @@ def run(
         record_process(
             fe,
             PROCESS,
-            parameters={"t1": t1, "h1": h1, "t2": t2, "h2": h2, "first": lo, "last": hi},
+            parameters={"t1": t1, "h1": h1, "t2": t2, "h2": h2, "first": lo, "last": stop},
             start_time=start_time,
             summary=summary,
         )
+        used = {"t1": t1, "h1": h1, "t2": t2, "h2": h2, "first": lo, "last": stop}
+        store_parameters(f, settings_values("prepare", used))  # where NXRefine reads them
     logger.info(
         "%s:/%s 3-D mask: %.3f%% of voxels masked in %.1f s -> %s",
         scan_file,

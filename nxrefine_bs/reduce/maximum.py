@@ -51,6 +51,7 @@ from ..errors import ReductionError
 from ..geometry import Geometry
 from ..nexus.h5tools import nx_group, write_field
 from ..nexus.monitors import read_monitor as _read_monitor
+from ..nexus.nxreduce import store_parameters
 from ..nexus.provenance import now_iso, record_process
 from ..nexus.scanfile import open_scan_file, update_scan_file
 from .framestream import (
@@ -612,6 +613,7 @@ def run(
         record_process(
             group, PROCESS, parameters=parameters, start_time=start_time, summary=summary
         )
+        store_parameters(f, parameters, known_only=True)  # where NXRefine reads them
     elapsed = time.perf_counter() - t0
     logger.info(
         "%s:%s: nxmax frames %d-%d, maximum %g (%.2f s)", scan_file, entry, lo, hi, maximum, elapsed

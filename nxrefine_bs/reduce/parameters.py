@@ -292,6 +292,7 @@ STEP_PARAMETERS: dict[str, tuple[Parameter, ...]] = {
         ),
         _p("nthreads", "int", "threads of the transform kernel"),
         _p("block_frames", "int", "frames per kernel block"),
+        _p("compression", "str", "compression of the output file (see nexus.codecs)"),
     ),
     "combine": (MASK,),
     "pdf": (

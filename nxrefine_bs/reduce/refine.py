@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import IndexingError, ReductionError, RefinementError, ScanFileError
 from ..nexus.geometry_io import read_geometry, read_orientation, write_geometry, write_orientation
 from ..nexus.h5tools import nx_group, write_field
+from ..nexus.nxreduce import store_parameters
 from ..nexus.provenance import now_iso, process_done, record_process
 from ..nexus.scanfile import open_scan_file, update_scan_file
 from .lattice import Lattice, LatticeError, read_lattice, write_lattice
@@ -299,6 +300,8 @@ def run(
             summary=summary,
             note=result.report(),
         )
+        used = {"polar_max": result.polar_max, "hkl_tolerance": result.hkl_tolerance}
+        store_parameters(f, used)  # where NXRefine reads them
         res_grp = nx_group(proc, "results", "NXparameters")
         for name in result.values:
             write_field(
