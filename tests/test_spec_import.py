@@ -128,7 +128,7 @@ def test_read_spec(tmp_path):
         assert 7 in spec and "7.1" in spec and "7.2" not in spec and 9 not in spec
         scan = spec.scan(7)
         assert spec.scan("7.1") is scan
-        assert spec.line_of(8) == 22
+        assert spec.scan(8).line == 22
         with pytest.raises(SpecFileError, match=r"demo has no scan 9 \(it has scans 7..8\)"):
             spec.scan(9)
         with pytest.raises(SpecFileError, match=r"'seven' is not a scan key"):

@@ -21,12 +21,19 @@ directory, so the SPEC file is also looked for as ``<raw directory>/<sample>/<sa
 * ``<experiment>/<sample>/<label>/<scan>/fN.h5``: the images stacked into
   ``/entry/data/data`` ``(frames, ny, nx)`` (int32 for integer detectors, one frame
   per chunk), linked relatively from ``fN/data/data``;
-* the SPEC logs of each rotation: ``fN/scan_number``, the per-frame monitors
-  ``flyc1``/``flyc2`` in ``fN/monitor`` (NXmonitor, signal ``flyc1``), the phi array
+* the SPEC logs of each rotation (the SPEC file is read with :mod:`silx.io.specfile`
+  through :mod:`.spec`, and the data rows of every imported scan are checked):
+  ``fN/scan_number`` and ``instrument/logs/spec_scan`` (the scan key, ``"4.1"``),
+  the per-frame monitors ``flyc1``/``flyc2`` in ``fN/monitor`` (NXmonitor, signal
+  ``flyc1``), the phi array
   (start, step and end from the scan command) in ``instrument/goniometer/phi``,
   ``chi = 90 - SPEC chi``, ``theta = SPEC th``, every data column in
   ``instrument/logs``, the ``#D`` date as ``start_time``; the mean of the
   ``sampleT`` column of all rotations becomes ``/entry/sample/temperature``.
+
+An image directory ``<sample>_NNN`` names only a scan number; if the SPEC file has
+scan NNN more than once (``"NNN.1"``, ``"NNN.2"``...), the import stops with an error
+listing them rather than guess.
 
 The raw tree is only read.  Nothing existing is replaced unless ``overwrite`` is
 True, and each scan is written all-or-nothing: stacks go to temporary names and are

@@ -149,8 +149,8 @@ def _index(path: Path) -> list[_Entry]:
                 entries.append(current)
                 scan_since_o = True
                 in_scan_header = True
-            elif tag == b"L":
-                in_scan_header = False
+            elif tag in (b"L", b"E", b"F"):
+                in_scan_header = False  # the scan's data, or a new file header, begins
             elif tag == b"D" and line[2:3] in (b" ", b"\t", b""):
                 if not in_scan_header:
                     header_date = line[2:].decode("utf-8", "replace").strip() or None
@@ -503,10 +503,6 @@ class SpecFile:
     def numbers(self) -> list[int]:
         """Scan numbers in file order (repeated numbers repeated)."""
         return [int(key.split(".")[0]) for key in self._keys]
-
-    def line_of(self, key: str | int) -> int:
-        """Line of the ``#S`` line of a scan."""
-        return self._entries[self._resolve(key)].line
 
     def _resolve(self, key: str | int) -> int:
         match = _KEY.match(str(key))
