@@ -101,3 +101,53 @@ def test_early_break_stops_the_readers(tmp_path):
         np.testing.assert_array_equal(
             np.concatenate([b.copy() for _, b in stream.blocks(0, 9)]), _frames()
         )
+
+
+# --------------------------------------------------------------------------- end to end
+def test_steps_on_a_bslz4_scan_equal_the_raw_scan(tmp_path):
+    """max, prepare and transform read a bitshuffle-LZ4 scan and give the raw scan's results."""
+    from nxrefine_bs.reduce import mask3d, maximum, transform
+    from nxrefine_bs.simulation.scan import make_simulated_scan
+
+    scans = {
+        codec: make_simulated_scan(
+            tmp_path / str(codec), n_frames=24, seed=4, write_truth_orientation=True,
+            compression=codec,
+        )
+        for codec in (None, "bslz4")
+    }
+    with h5py.File(scans["bslz4"].scan_dir / "f1.h5", "r") as f:
+        assert "32008" in f["entry/data/data"]._filters  # really compressed
+    grid = {"qh": (-3, 0.1, 3), "qk": (-3, 0.1, 3), "ql": (-3, 0.1, 3)}
+    out = {}
+    for codec, sim in scans.items():
+        mx = maximum.run(sim.scan_file, "f1", first=0, last=24)
+        mask3d.run(sim.scan_file, "f1", first=0, last=24)
+        tr = transform.run(sim.scan_file, "f1", first=0, last=24, mask=True, **grid)
+        with h5py.File(sim.scan_file, "r") as f:
+            mask = f["f1/data/data_mask"][()]
+        with h5py.File(tr["file"], "r") as f:
+            v = f["entry/data/v"][()]
+        out[codec] = (mx["maximum"], mask, v, tr["pixels"])
+    assert out[None][0] == out["bslz4"][0]
+    np.testing.assert_array_equal(out[None][1], out["bslz4"][1])
+    assert out[None][1].any()
+    np.testing.assert_array_equal(out[None][2], out["bslz4"][2])
+    assert out[None][3] == out["bslz4"][3] > 0
+
+
+def test_simulated_detector_writes_bslz4(tmp_path):
+    from nxrefine_bs.devices.frames import FrameFile
+
+    frames = _frames()
+    ff = FrameFile(tmp_path / "f1.h5", SHAPE[1:], compression="bslz4")
+    for i, fr in enumerate(frames):
+        ff.append(fr, {"phi": 0.1 * i})
+    ff.close()
+    with h5py.File(tmp_path / "f1.h5", "r") as f:
+        ds = f["entry/data/data"]
+        assert "32008" in ds._filters
+    src = DataSource(tmp_path / "f1.h5", "f1", tmp_path / "f1.h5", "/entry/data/data", False)
+    with FrameStream(src) as stream:
+        assert stream.reader.method == "chunks:bitshuffle-lz4"
+        np.testing.assert_array_equal(stream.read(0, SHAPE[0]), frames)

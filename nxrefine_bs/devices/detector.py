@@ -329,7 +329,8 @@ class SimRotationDetector(StandardDetector):
     simulator_kwargs : mapping, optional
         Further :class:`RotationSimulator` arguments (``max_intensity``, ``background``...).
     compression : str, optional
-        h5py compression of the frames.
+        Compression of the frames (``None``, ``"bslz4"``, ``"gzip"``...; see
+        :func:`nxrefine_bs.nexus.codecs.compression_options`).
     name : str
         Device name (the data key of the frames).
 

@@ -29,6 +29,7 @@ from numpy.typing import NDArray
 
 from ..errors import FileExistsNXError, NXRefineBSError
 from ..geometry import Geometry
+from ..nexus.codecs import compression_options
 from ..simulation.crystal import SimCrystal
 from ..simulation.frames import DetectorModel, RotationSimulator
 
@@ -159,7 +160,9 @@ class FrameFile:
         Names of the per-frame scalar attributes (float64) under
         :data:`NDATTRIBUTES_PATH`.
     compression : str, optional
-        h5py compression filter of the frames (``None``: uncompressed, as tests want).
+        Compression of the frames: ``None`` (uncompressed, as tests want) or a codec of
+        :data:`nxrefine_bs.nexus.codecs.CODECS`, e.g. ``"bslz4"`` (bitshuffle-LZ4, what
+        Eiger and many Pilatus set-ups write), ``"gzip"``, ``"lz4"``, ``"zstd"``.
 
     Raises
     ------
@@ -205,7 +208,7 @@ class FrameFile:
                 maxshape=(None, ny, nx),
                 chunks=(1, ny, nx),
                 dtype=np.int32,
-                compression=compression,
+                **compression_options(compression),
             )
             instrument = entry.create_group("instrument")
             instrument.attrs["NX_class"] = "NXinstrument"

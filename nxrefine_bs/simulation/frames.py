@@ -355,18 +355,27 @@ class RotationSimulator:
         dataset: str = "/entry/data/data",
         progress: bool = False,
         overwrite: bool = False,
+        compression: str | None = None,
     ) -> Path:
         """Write all frames to an HDF5 stack (one frame per chunk), as a detector would.
 
         Refuses to overwrite an existing file unless ``overwrite`` is True.
+        ``compression`` is a codec name (e.g. ``"bslz4"``) of
+        :func:`nxrefine_bs.nexus.codecs.compression_options`; None writes raw frames.
         """
+        from ..nexus.codecs import compression_options
+
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; refusing to overwrite detector data")
         ny, nx = self.detector.shape
         with h5py.File(path, "w", libver="latest") as f:
             ds = f.create_dataset(
-                dataset, shape=(self.n_frames, ny, nx), dtype=np.int32, chunks=(1, ny, nx)
+                dataset,
+                shape=(self.n_frames, ny, nx),
+                dtype=np.int32,
+                chunks=(1, ny, nx),
+                **compression_options(compression),
             )
             grp = f[dataset].parent
             grp.attrs["NX_class"] = "NXdata"

@@ -81,6 +81,7 @@ def make_simulated_scan(
     seed: int = 0,
     write_truth_orientation: bool = False,
     progress: bool = False,
+    compression: str | None = None,
     **simulator_kwargs: float,
 ) -> SimulatedScan:
     """Create ``<directory>/<sample>/<label>/<sample>_<scan>.nxs`` and ``<scan>/fN.h5``.
@@ -88,6 +89,8 @@ def make_simulated_scan(
     One rotation entry ``fN`` is written per value in ``omegas`` (the goniometer omega
     of that rotation), each with its own noise seed.  The unit cell is stored in
     ``entry/sample``; the true orientation only if ``write_truth_orientation``.
+    ``compression`` writes the detector stacks compressed (e.g. ``"bslz4"``, as Eiger
+    and many Pilatus set-ups do; see :func:`nxrefine_bs.nexus.codecs.compression_options`).
     """
     g0, c0, d0, n0 = small_test_setup(seed=seed)
     geometry = geometry or g0
@@ -140,6 +143,8 @@ def make_simulated_scan(
             mon.attrs["signal"] = "MCS1"
             mon.attrs["axes"] = "frame_number"
     for name, sim in sims.items():
-        sim.write_stack(scan_dir / f"{name}.h5", progress=progress, overwrite=True)
+        sim.write_stack(
+            scan_dir / f"{name}.h5", progress=progress, overwrite=True, compression=compression
+        )
     logger.info("simulated scan %s with %d rotations", scan_file, len(sims))
     return SimulatedScan(scan_file, scan_dir, crystal, geometries, sims)
