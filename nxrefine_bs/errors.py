@@ -25,6 +25,7 @@ __all__ = [
     "IndexingError",
     "RefinementError",
     "CalibrationError",
+    "CalibrationQualityError",
     "WorkflowError",
 ]
 
@@ -94,6 +95,10 @@ class RefinementError(ReductionError):
 
 class CalibrationError(NXRefineBSError, RuntimeError):
     """Powder calibration failed (unreadable image, too few rings...)."""
+
+
+class CalibrationQualityError(CalibrationError):
+    """A powder calibration fit was rejected: too few rings found or too large an RMS."""
 
 
 class WorkflowError(NXRefineBSError, RuntimeError):

@@ -1,0 +1,356 @@
+"""Starting geometries for a powder calibration from the image alone (no hint).
+
+Only the calibrant's ring angles, the pixel size and the image are used:
+
+1. **Beam centre.**  Powder rings are (nearly) centro-symmetric about the beam, so the
+   self-convolution ``C(s) = sum_x g(x) g(s - x)`` of a ring-enhanced image ``g`` peaks at
+   ``s = 2 c``, twice the ring centre ``c`` (at ``s = 2c`` every ring pixel meets its mirror
+   image).  ``g`` is the local signal-to-noise ratio of the (binned) image above a smooth
+   background, clipped and made zero-mean, so that weak and strong rings count alike and
+   module gaps count as nothing.  One FFT pair gives every candidate centre at once; the few
+   strongest maxima are kept.
+2. **Distance.**  The azimuthally averaged profile about each candidate centre shows the rings
+   as peaks at radii ``r_k = D tan(2 theta_k)``.  ``D`` (pixels) is scanned on a fine
+   logarithmic grid; each value is scored by the fraction of predicted rings (on the
+   detector) that match an observed peak times the (SNR-weighted) fraction of observed peaks
+   that a predicted ring explains.  Requiring both fractions removes the scale ambiguities of
+   cubic calibrants (``D/2``, ``2D``, ``sqrt(2) D`` put many predicted rings on observed ones
+   but leave rings unexplained or predict rings where there are none).  The best ``D`` is then
+   fitted by least squares to its matched peaks.
+
+The starts are only approximate for a tilted detector (the rings are ellipses whose centres
+move away from the beam with 2-theta); :func:`nxrefine_bs.calibration.refine.calibrate_powder`
+refines them, low-angle rings first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = ["StartGeometry", "find_centres", "find_distances", "find_starts", "radial_profile"]
+
+logger = logging.getLogger(__name__)
+
+MAX_SEARCH_TTH = math.radians(75.0)
+"""Rings beyond this 2-theta are not used by the distance search."""
+
+
+@dataclass(frozen=True)
+class StartGeometry:
+    """An untilted starting geometry found by the search.
+
+    Attributes
+    ----------
+    beam_center_x, beam_center_y : float
+        Ring centre, pixels (the centre of pixel ``i`` is ``i``).
+    distance_px : float
+        Distance in pixels.
+    score : float
+        Match score of the distance search (0 to 1).
+    n_matched : int
+        Number of calibrant rings matched to profile peaks.
+    """
+
+    beam_center_x: float
+    beam_center_y: float
+    distance_px: float
+    score: float
+    n_matched: int
+
+    def poni(self, pixel1: float, pixel2: float) -> dict[str, float]:
+        """pyFAI PONI parameters of this (untilted) geometry, metres and radians."""
+        return {
+            "dist": self.distance_px * math.sqrt(pixel1 * pixel2),
+            "poni1": (self.beam_center_y + 0.5) * pixel1,
+            "poni2": (self.beam_center_x + 0.5) * pixel2,
+            "rot1": 0.0,
+            "rot2": 0.0,
+            "rot3": 0.0,
+        }
+
+
+# --------------------------------------------------------------------------------------
+# Beam centre
+# --------------------------------------------------------------------------------------
+def _bin(a: NDArray, b: int) -> NDArray[np.float64]:
+    ny, nx = (a.shape[0] // b) * b, (a.shape[1] // b) * b
+    return a[:ny, :nx].reshape(ny // b, b, nx // b, b).sum(axis=(1, 3), dtype=np.float64)
+
+
+def _ring_map(
+    image: NDArray[np.float64], valid: NDArray[np.bool_], b: int
+) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+    """Binned, clipped signal-to-noise map of the image above a smooth background."""
+    from scipy import ndimage
+
+    total = _bin(np.where(valid, image, 0.0), b)
+    count = _bin(valid, b)
+    ok = count > 0.5 * b * b
+    mean = np.where(ok, total / np.maximum(count, 1.0), 0.0)
+    size = 25
+    num = ndimage.uniform_filter(mean * ok, size)
+    den = ndimage.uniform_filter(ok.astype(np.float64), size)
+    bkg = num / np.maximum(den, 1e-6)
+    noise = np.sqrt(np.maximum(bkg, 1.0) / np.maximum(count, 1.0))
+    g = np.where(ok, np.clip((mean - bkg) / noise, 0.0, 20.0), 0.0)
+    if ok.any():
+        g[ok] -= g[ok].mean()
+    return g, ok
+
+
+def find_centres(
+    image: NDArray[np.float64],
+    valid: NDArray[np.bool_],
+    n: int = 3,
+    *,
+    max_binned: int = 600,
+) -> list[tuple[float, float, float]]:
+    """Candidate ring centres from the self-convolution of the ring-enhanced image.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        The powder image.
+    valid : numpy.ndarray of bool
+        Pixels to use.
+    n : int
+        Number of candidates.
+    max_binned : int
+        The image is binned so that its larger side has at most this many bins.
+
+    Returns
+    -------
+    list of (x, y, strength)
+        Centres in pixels (centre of pixel ``i`` at ``i``), strongest first; ``strength`` is
+        the self-convolution maximum relative to its spread.
+    """
+    from scipy import fft, ndimage
+
+    b = max(1, math.ceil(max(image.shape) / max_binned))
+    g, ok = _ring_map(image, valid, b)
+    if not ok.any() or not np.any(g):
+        return []
+    shape = (fft.next_fast_len(2 * g.shape[0]), fft.next_fast_len(2 * g.shape[1]))
+    spec = fft.rfft2(g, shape)
+    conv = fft.irfft2(spec * spec, shape)
+    # centres inside the detector only: s = 2 c with 0 <= c < n
+    conv = conv[: 2 * g.shape[0] - 1, : 2 * g.shape[1] - 1]
+    spread = float(np.std(conv)) or 1.0
+    sep = max(3, 20 // b)
+    peaks = (conv == ndimage.maximum_filter(conv, size=2 * sep + 1)) & (conv > 0)
+    iy, ix = np.nonzero(peaks)
+    order = np.argsort(conv[iy, ix])[::-1][:n]
+    out = []
+    for k in order:
+        sy, sx = _subpixel_peak(conv, int(iy[k]), int(ix[k]))
+        out.append(
+            (sx / 2 * b + (b - 1) / 2, sy / 2 * b + (b - 1) / 2, conv[iy[k], ix[k]] / spread)
+        )
+    return out
+
+
+def _subpixel_peak(a: NDArray[np.float64], i: int, j: int) -> tuple[float, float]:
+    """Parabolic sub-sample position of a local maximum."""
+
+    def vertex(m: float, c: float, p: float) -> float:
+        den = m - 2 * c + p
+        return 0.0 if den >= 0 else float(np.clip(0.5 * (m - p) / den, -0.5, 0.5))
+
+    di = dj = 0.0
+    if 0 < i < a.shape[0] - 1:
+        di = vertex(a[i - 1, j], a[i, j], a[i + 1, j])
+    if 0 < j < a.shape[1] - 1:
+        dj = vertex(a[i, j - 1], a[i, j], a[i, j + 1])
+    return i + di, j + dj
+
+
+# --------------------------------------------------------------------------------------
+# Distance
+# --------------------------------------------------------------------------------------
+def radial_profile(
+    image: NDArray[np.float64],
+    valid: NDArray[np.bool_],
+    cx: float,
+    cy: float,
+    step: float = 0.5,
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """Mean intensity against radius about ``(cx, cy)``.
+
+    Returns
+    -------
+    radius, mean, count : numpy.ndarray
+        Bin centres (pixels), mean intensity (NaN in empty bins) and pixel counts.
+    """
+    yy, xx = np.nonzero(valid)
+    r = np.hypot(xx - cx, yy - cy)
+    nb = int(r.max() / step) + 2 if r.size else 1
+    idx = (r / step).astype(np.int64)
+    s = np.bincount(idx, image[yy, xx], nb)
+    n = np.bincount(idx, None, nb)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n > 0, s / n, np.nan)
+    return (np.arange(nb) + 0.5) * step, mean, n
+
+
+def _profile_peaks(
+    radius: NDArray[np.float64],
+    mean: NDArray[np.float64],
+    count: NDArray[np.float64],
+    min_snr: float,
+) -> tuple[NDArray[np.float64], NDArray[np.float64], float, float]:
+    """Peaks of a radial profile: radii, SNR, and the radius range that was covered."""
+    from scipy import ndimage, signal
+
+    step = float(radius[1] - radius[0]) if radius.size > 1 else 1.0
+    ok = count >= 20
+    if ok.sum() < 10:
+        return np.empty(0), np.empty(0), 0.0, 0.0
+    good = np.flatnonzero(ok)
+    filled = np.interp(np.arange(mean.size), good, mean[good])
+    bkg = ndimage.percentile_filter(filled, 20, size=max(3, int(30 / step)))
+    noise = np.sqrt(np.maximum(bkg, 1.0) / np.maximum(count, 1.0))
+    snr = np.where(ok, (filled - bkg) / noise, 0.0)
+    pk, _ = signal.find_peaks(snr, height=min_snr, distance=max(1, int(1.5 / step)))
+    return radius[pk], snr[pk], float(radius[good[0]]), float(radius[good[-1]])
+
+
+def find_distances(
+    peaks: NDArray[np.float64],
+    strength: NDArray[np.float64],
+    rlo: float,
+    rhi: float,
+    ring_tth: Sequence[float],
+    n: int = 2,
+    *,
+    tol_px: float = 2.0,
+    tol_rel: float = 4e-3,
+) -> list[tuple[float, float, int]]:
+    """Distances (pixels) whose predicted rings match the observed profile peaks.
+
+    Parameters
+    ----------
+    peaks, strength : numpy.ndarray
+        Radii (pixels) and SNR of the observed peaks.
+    rlo, rhi : float
+        Radius range covered by the profile.
+    ring_tth : sequence of float
+        Calibrant 2-theta values, rad, ascending.
+    n : int
+        Number of distinct candidates to return.
+    tol_px, tol_rel : float
+        A predicted ring matches a peak within ``tol_px + tol_rel * r`` pixels.
+
+    Returns
+    -------
+    list of (distance, score, n_matched)
+        Best first; distances refined by least squares on their matched peaks.
+    """
+    tan2t = np.tan(np.asarray([t for t in ring_tth if 0 < t < MAX_SEARCH_TTH]))
+    if len(peaks) < 2 or tan2t.size < 2 or rhi <= rlo:
+        return []
+    obs = np.asarray(peaks, dtype=np.float64)
+    w_obs = np.minimum(np.asarray(strength, dtype=np.float64), 50.0)
+    # no more predicted rings inside the profile than 3x the peaks seen (+5): beyond that
+    # the match fraction of the prediction is small anyway
+    k_max = min(tan2t.size - 1, 3 * len(obs) + 5)
+    tan2t = tan2t[: k_max + 1]
+    dmin = max(rhi / tan2t[-1], max(rlo, 1.0) / tan2t[-1])
+    dmax = rhi / tan2t[0]
+    if not dmax > dmin:
+        return []
+    grid = np.exp(np.arange(math.log(dmin), math.log(dmax), 5e-4))
+    pred = grid[:, None] * tan2t[None, :]  # (nD, nR), ascending along rows
+    on = (pred > rlo) & (pred < rhi)
+    n_pred = on.sum(axis=1)
+    # predicted ring -> nearest observed peak
+    j = np.clip(np.searchsorted(obs, pred), 1, len(obs) - 1)
+    near = np.minimum(np.abs(obs[j] - pred), np.abs(obs[j - 1] - pred))
+    pred_hit = on & (near < tol_px + tol_rel * pred)
+    # observed peak -> nearest predicted ring (in units of D: x = r / D against tan2t)
+    x = obs[None, :] / grid[:, None]
+    k = np.clip(np.searchsorted(tan2t, x), 1, tan2t.size - 1)
+    near_o = np.minimum(np.abs(tan2t[k] - x), np.abs(tan2t[k - 1] - x)) * grid[:, None]
+    obs_hit = near_o < tol_px + tol_rel * obs[None, :]
+    frac_pred = np.where(n_pred >= 2, pred_hit.sum(axis=1) / np.maximum(n_pred, 1), 0.0)
+    frac_obs = (obs_hit * w_obs[None, :]).sum(axis=1) / w_obs.sum()
+    score = np.where(pred_hit.sum(axis=1) >= 2, frac_pred * frac_obs, 0.0)
+    out: list[tuple[float, float, int]] = []
+    for i in np.argsort(score)[::-1]:
+        if score[i] <= 0 or len(out) >= n:
+            break
+        d0 = float(grid[i])
+        if any(abs(math.log(d0 / d)) < 0.01 for d, _, _ in out):
+            continue
+        d_fit, n_matched = _fit_distance(d0, obs, tan2t, tol_px, tol_rel)
+        out.append((d_fit, float(score[i]), n_matched))
+    return out
+
+
+def _fit_distance(
+    d0: float, obs: NDArray[np.float64], tan2t: NDArray[np.float64], tol_px: float, tol_rel: float
+) -> tuple[float, int]:
+    """Least-squares distance from the peaks matched at ``d0``: ``(distance, n_matched)``."""
+    d = d0
+    n_matched = 0
+    for _ in range(3):
+        pred = d * tan2t
+        j = np.clip(np.searchsorted(obs, pred), 1, max(1, len(obs) - 1))
+        cand = np.where(np.abs(obs[j] - pred) < np.abs(obs[j - 1] - pred), obs[j], obs[j - 1])
+        hit = np.abs(cand - pred) < tol_px + tol_rel * pred
+        n_matched = int(hit.sum())
+        if n_matched < 2:
+            break
+        d = float(np.sum(cand[hit] * tan2t[hit]) / np.sum(tan2t[hit] ** 2))
+    return d, n_matched
+
+
+# --------------------------------------------------------------------------------------
+# Both
+# --------------------------------------------------------------------------------------
+def find_starts(
+    image: NDArray[np.float64],
+    valid: NDArray[np.bool_],
+    ring_tth: Sequence[float],
+    *,
+    n_centres: int = 3,
+    n_distances: int = 2,
+    min_snr: float = 8.0,
+) -> list[StartGeometry]:
+    """Untilted starting geometries for the calibration, most promising first.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        The powder image.
+    valid : numpy.ndarray of bool
+        Pixels to use (not masked, not negative, finite).
+    ring_tth : sequence of float
+        The calibrant's ring 2-theta values at the wavelength, rad, ascending.
+    n_centres, n_distances : int
+        Candidate centres, and candidate distances per centre.
+    min_snr : float
+        Minimum signal-to-noise ratio of a radial-profile peak.
+
+    Returns
+    -------
+    list of StartGeometry
+        Empty if no ring pattern was found.
+    """
+    starts: list[StartGeometry] = []
+    for cx, cy, strength in find_centres(image, valid, n_centres):
+        radius, mean, count = radial_profile(image, valid, cx, cy)
+        peaks, snr, rlo, rhi = _profile_peaks(radius, mean, count, min_snr)
+        cands = find_distances(peaks, snr, rlo, rhi, ring_tth, n_distances)
+        logger.debug(
+            "centre (%.1f, %.1f) strength %.1f: %d profile peaks, distances %s",
+            cx, cy, strength, len(peaks), [(round(d, 1), round(s, 3)) for d, s, _ in cands],
+        )  # fmt: skip
+        starts.extend(StartGeometry(cx, cy, d, s, m) for d, s, m in cands)
+    starts.sort(key=lambda s: -s.score)
+    return starts
