@@ -67,6 +67,16 @@ def test_corpus_is_the_spec_files_silx_opens():
     assert opened == SPEC_FILES
 
 
+def test_files_silx_cannot_read_are_named():
+    """The folder's HDF5 files, README and sub-folder: errors naming the file and why."""
+    for name in ("Data_Q.h5", "README.txt"):
+        with pytest.raises(SpecFileError, match=r"is not a SPEC file silx can read") as info:
+            read_spec(DATA / name)
+        assert str(DATA / name) in str(info.value) and "it has 0" in str(info.value)
+    with pytest.raises(SpecFileError, match=r"02_03_setup_fly is not a regular file"):
+        read_spec(DATA / "02_03_setup_fly")
+
+
 def silx_positioners(scan) -> dict[str, float] | None:
     """silx's names paired with its positions (None where the counts differ)."""
     names = [name.strip() for name in scan.motor_names]  # silx keeps a CR of CRLF files

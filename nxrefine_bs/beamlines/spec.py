@@ -44,6 +44,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -436,8 +437,7 @@ class SpecFile:
             self._entries = _index(self.path)
         except OSError as exc:
             raise SpecFileError(f"cannot read SPEC file {self.path}: {exc}") from exc
-        self._silx: Any = None
-        self._open_silx()
+        self._silx: Any = self._open_silx()
         keys = list(self._silx.keys())
         if len(keys) != len(self._entries):
             self.close()
@@ -450,12 +450,12 @@ class SpecFile:
         self._cache: dict[int, SpecScan] = {}
         logger.debug("opened %s: %d scans", self.path, len(keys))
 
-    def _open_silx(self) -> None:
+    def _open_silx(self) -> Any:
         from silx.io.specfile import SfError
         from silx.io.specfile import SpecFile as SilxSpecFile
 
         try:
-            self._silx = SilxSpecFile(str(self.path))
+            return SilxSpecFile(str(self.path))
         except SfError as exc:
             raise SpecFileError(
                 f"{self.path} is not a SPEC file silx can read ({exc}); it needs '#S' scan "
@@ -484,7 +484,7 @@ class SpecFile:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[SpecScan]:
         for i in range(len(self._keys)):
             yield self._scan_at(i)
 
@@ -546,7 +546,7 @@ class SpecFile:
         from silx.io.specfile import SfError
 
         if self._silx is None:
-            self._open_silx()
+            self._silx = self._open_silx()
         entry = self._entries[index]
         key = self._keys[index]
         where = f"{self.path}, scan {key} (line {entry.line})"

@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -175,7 +176,7 @@ def make_qm2_raw_tree(
     append: bool = False,
     header: bool | None = None,
     mca_channels: int = 0,
-    **simulator_kwargs: float,
+    **simulator_kwargs: Any,
 ) -> SimulatedRawTree:
     """Write a seeded QM2-like raw tree and its SPEC file.
 
