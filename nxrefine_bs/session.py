@@ -3,11 +3,19 @@
 Used by the IPython profile (``profiles/profile_sim``) and by ``nxrefine-bs demo``, so
 both wire the callbacks the same way:
 
-* :class:`~nxrefine_bs.callbacks.nexus_writer.NeXusScanWriter` (critical: raises);
-* :class:`~nxrefine_bs.callbacks.reduction.PostScanReduction` (non-critical, optional);
-* bluesky-tiled-plugins' ``TiledWriter`` into the experiment's embedded Tiled catalog
-  (or the server named in settings), optional;
+* :class:`~nxrefine_bs.callbacks.nexus_writer.NeXusScanWriter` (critical: its failures
+  fail the run);
+* :class:`~nxrefine_bs.callbacks.reduction.PostScanReduction` (non-critical, optional;
+  it reduces a rotation once the writer has recorded it complete);
+* Tiled archiving through :class:`~nxrefine_bs.tiled.archive.ResilientArchiver` into the
+  experiment's embedded catalog (or the server named in settings), journaled locally
+  so an outage loses nothing, optional;
 * a frame progress bar, optional.
+
+Every non-critical callback runs isolated on its own thread
+(:class:`~nxrefine_bs.callbacks.isolation.NonCritical`): it can neither fail nor stall
+a scan.  A new RunEngine is a :class:`~nxrefine_bs.callbacks.isolation.BeamlineRunEngine`,
+which isolates whatever the user subscribes later, too.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from typing import Any
 
 from bluesky import RunEngine
 
+from .callbacks.isolation import BeamlineRunEngine, NonCritical
 from .callbacks.nexus_writer import NeXusScanWriter
 from .callbacks.progress import FrameProgress
 from .callbacks.reduction import DEFAULT_STEPS, PostScanReduction
@@ -47,11 +56,12 @@ class BeamlineSession:
 
     def close(self) -> None:
         """Wait for queued reduction, unsubscribe callbacks and close the catalog."""
-        if self.reduction is not None:
-            self.reduction.close()
+        self.writer.flush(600)
         for token in self.tokens:
             self.RE.unsubscribe(token)
         self.tokens.clear()
+        if self.reduction is not None:
+            self.reduction.close()
         if self.progress is not None:
             self.progress.close()
         if self.tiled is not None:
@@ -73,6 +83,7 @@ def start_session(
     tiled: bool | str = True,
     progress: bool = True,
     simulator_kwargs: dict[str, Any] | None = None,
+    compression: str | None = None,
     RE: RunEngine | None = None,
 ) -> BeamlineSession:
     """Create a RunEngine with the simulated beamline and every nxrefine-bs callback.
@@ -93,28 +104,50 @@ def start_session(
     progress : bool
         Show a frame progress bar.
     simulator_kwargs : dict, optional
-        Extra :class:`~nxrefine_bs.simulation.frames.RotationSimulator` options.
+        Extra :class:`~nxrefine_bs.simulation.frames.RotationSimulator` options
+        (``thermal``: the crystal's temperature dependence; the temperature itself comes
+        from the temperature controller).
+    compression : str, optional
+        h5py compression of the detector files.
     RE : RunEngine, optional
         Use an existing RunEngine (e.g. the one an IPython profile made).
     """
     from .devices import make_sim_beamline
 
     experiment_dir = Path(experiment_dir).absolute()
-    RE = RE if RE is not None else RunEngine({})
+    RE = RE if RE is not None else BeamlineRunEngine({})
+
+    def subscribe(callback: Any, critical: bool = False) -> None:
+        if isinstance(RE, BeamlineRunEngine):
+            session.tokens.append(RE.subscribe(callback, critical=critical))
+        else:
+            session.tokens.append(RE.subscribe(callback if critical else NonCritical(callback)))
+
     writer = NeXusScanWriter()
     session = BeamlineSession(experiment_dir, RE, None, writer)
-    session.tokens.append(RE.subscribe(writer))
-    if reduce_steps:
-        session.reduction = PostScanReduction(reduce_steps, params=reduce_params)
-        session.tokens.append(RE.subscribe(session.reduction))
     if tiled:
-        from .tiled.catalog import archive_callback, open_catalog
+        from .tiled.archive import ResilientArchiver, journal_directory
+        from .tiled.catalog import open_catalog
 
-        session.tiled = open_catalog(tiled if isinstance(tiled, str) else experiment_dir)
-        session.tokens.append(RE.subscribe(archive_callback(session.tiled)))
+        target = tiled if isinstance(tiled, str) else experiment_dir
+        try:
+            session.tiled = open_catalog(target)
+        except Exception as exc:  # an outage must not stop the beamline: journal only
+            logger.warning("Tiled catalog %s unavailable (%s); runs are journaled", target, exc)
+
+        def connect() -> Any:
+            return session.tiled if session.tiled is not None else open_catalog(target)
+
+        subscribe(ResilientArchiver(connect, journal_directory(experiment_dir)))
     if progress:
         session.progress = FrameProgress()
-        session.tokens.append(RE.subscribe(session.progress))
+        subscribe(session.progress)
+    if reduce_steps:
+        session.reduction = PostScanReduction(reduce_steps, params=reduce_params, writer=writer)
+        # never raises and only starts a thread at a stop document: not wrapped, so
+        # session.reduction.wait() sees every rotation at once
+        subscribe(session.reduction, critical=True)
+    subscribe(writer, critical=True)  # last: its failure cannot starve the others
     session.devices = make_sim_beamline(
         experiment_dir,
         detector=detector,
@@ -122,6 +155,7 @@ def start_session(
         crystal=crystal,
         seed=seed,
         simulator_kwargs=simulator_kwargs,
+        compression=compression,
     )
     logger.info("beamline session ready in %s", experiment_dir)
     return session

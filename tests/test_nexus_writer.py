@@ -5,7 +5,6 @@ RunEngine-driven runs of the writer are in ``test_acquisition.py``.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import h5py
@@ -253,70 +252,3 @@ def test_runs_without_nxrefine_metadata_are_ignored(experiment: Path) -> None:
     writer("stop", bundle.compose_stop())
     assert writer.last_scan_file is None
     assert not list(experiment.rglob("*.nxs"))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def test_writer_runs_out_of_process_over_0mq(experiment: Path) -> None:
-    """Documents published to a 0MQ proxy are written by a separate writer process."""
-    import subprocess
-    import sys
-
-    from bluesky.callbacks.zmq import Publisher
-
-    port_in, port_out = _free_port(), _free_port()
-    proxy = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bluesky.commandline.zmq_proxy",
-            "--in-address",
-            str(port_in),
-            "--out-address",
-            str(port_out),
-        ]
-    )
-    consumer = subprocess.Popen(
-        [sys.executable, "-m", "nxrefine_bs.callbacks.remote", "--zmq", f"localhost:{port_out}"]
-    )
-    publisher = None
-    try:
-        time.sleep(3.0)  # let both processes bind and subscribe
-        publisher = Publisher(f"localhost:{port_in}")
-
-        class _Recorder:
-            last_scan_file = None
-
-            def __call__(self, name, doc):
-                publisher(name, doc)
-
-        _fly_run(_Recorder(), experiment)
-        scan_file = experiment / "CsV3Sb5" / "xtal1" / "CsV3Sb5_80K.nxs"
-        deadline = time.monotonic() + 30
-        status = None
-        while time.monotonic() < deadline:
-            if scan_file.exists():
-                try:
-                    with h5py.File(scan_file, "r") as f:
-                        status = f["f1/acquisition/status"][()].decode()
-                except (OSError, KeyError):
-                    status = None
-                if status == "success":
-                    break
-            time.sleep(0.2)
-        assert status == "success"
-        with h5py.File(scan_file, "r") as f:
-            assert f["f1/data/data"].shape == (NF, NY, NX)
-            np.testing.assert_array_equal(f["f1/monitor/MCS2"][()], 2000.0 + np.arange(NF))
-    finally:
-        if publisher is not None:
-            publisher.close()  # an unclosed 0MQ context blocks forever when collected
-        for proc in (consumer, proxy):
-            proc.terminate()
-            proc.wait(timeout=10)

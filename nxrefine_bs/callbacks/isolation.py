@@ -189,5 +189,12 @@ class BeamlineRunEngine(RunEngine):
         return self._then_flush(super().stop)
 
     def halt(self) -> Any:
-        """Halt the plan, then wait for the critical writers."""
+        """Halt the plan, then wait for the critical writers.
+
+        Bluesky reports a halt as ``abort`` with no reason; the writers are told, so
+        the scan file records ``halt``.
+        """
+        for writer in self._writers.values():
+            if hasattr(writer, "interrupt_hint"):
+                writer.interrupt_hint = "halt"
         return self._then_flush(super().halt)

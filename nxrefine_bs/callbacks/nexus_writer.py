@@ -92,6 +92,8 @@ class NeXusScanWriter:
         self.lock_timeout = lock_timeout
         self.last_scan_file: Path | None = None
         self.errors: list[BaseException] = []
+        self.interrupt_hint: str | None = None
+        """Set to ``"halt"`` by :meth:`BeamlineRunEngine.halt` (Bluesky says ``abort``)."""
         self._runs: dict[str, _Run] = {}
         self._all_runs: dict[str, _Run] = {}  # the last runs seen, for wait_run()
         self._descriptors: dict[str, str] = {}  # descriptor uid -> run uid
@@ -123,6 +125,9 @@ class NeXusScanWriter:
                 f"NeXus writer failed on run {run.writer.uid} "
                 f"({run.writer.scan_file}:{run.writer.entry}): {run.error}"
             ) from run.error
+        if name == "stop" and self.interrupt_hint and doc.get("exit_status") == "abort":
+            doc = {**doc, "reason": (doc.get("reason") or "") + f" (RE.{self.interrupt_hint}())"}
+            self.interrupt_hint = None
         run.router(name, doc)
 
     def _route(self, name: str, doc: dict[str, Any]) -> _Run | None:
@@ -264,12 +269,8 @@ class NeXusScanWriter:
                 self._create(w)
             with update_scan_file(w.scan_file, timeout=self.lock_timeout) as f:
                 w.write_start(f)
-                w.write_progress(f)
             w.prepared = True
             logger.info("writing run %s into %s:%s", w.uid, w.scan_file, w.entry)
-            names = [n for n in names if n != "start"]
-            if not names:
-                return
         with update_scan_file(w.scan_file, timeout=self.lock_timeout) as f:
             w.write_progress(f)
             if "stop" in names:

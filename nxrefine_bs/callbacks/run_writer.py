@@ -191,6 +191,10 @@ class RunWriter:
         missing = [k for k in RUN_GEOMETRY_KEYS if k not in geom]
         if missing:
             raise MetadataError(f"run {uid}: nxrefine.geometry lacks {', '.join(missing)}")
+        try:
+            Geometry(**{k: geom[k] for k in RUN_GEOMETRY_KEYS})
+        except Exception as exc:
+            raise MetadataError(f"run {uid}: invalid nxrefine.geometry: {exc}") from exc
 
     @property
     def uid(self) -> str:
@@ -341,6 +345,8 @@ class RunWriter:
             write_field(sample, "temperature", float(doc["temperature"]), units=units)
         fe = nx_group(f, self.entry, "NXentry")
         previous = read_field(fe, "acquisition/status")
+        if read_field(fe, "acquisition/run_uid") == self.uid:
+            previous = None  # the same run again (a restarted writer catching up)
         phi_end = geom_md.get("phi_end")
         write_geometry(fe, geometry, phi_end=None if phi_end is None else float(phi_end))
         det_md = md.get("detector") or {}

@@ -35,6 +35,7 @@ COMMAND_MODULES: list[str] = [
     "nxrefine_bs.cli.workflow",
     "nxrefine_bs.cli.calibration",
     "nxrefine_bs.cli.importing",
+    "nxrefine_bs.cli.service",
 ]
 """Modules providing ``register(subparsers)``; add new sub-command modules here."""
 

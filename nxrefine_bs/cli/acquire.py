@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 from ..errors import NXRefineBSError
+from .output import add_json_option, print_json, print_results
 
 logger = logging.getLogger(__name__)
 
@@ -35,23 +37,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="comma-separated omega of each rotation (default 0,15,-15)",
     )
     p.add_argument("--phi", default="-5,175,1", metavar="START,END,STEP", help="rotation range")
-    p.add_argument("--grid-step", type=float, default=0.05, help="HKL grid step (r.l.u.)")
+    p.add_argument(
+        "--grid-step", type=float, default=0.1, help="HKL grid step (r.l.u., default 0.1)"
+    )
     p.add_argument("--no-reduce", action="store_true", help="acquire only")
     p.add_argument("--no-tiled", action="store_true", help="do not archive in Tiled")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo in DIR")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulation (default 0)")
+    add_json_option(p)
     p.set_defaults(func=_cmd_demo)
-
-    p = subparsers.add_parser(
-        "writer",
-        help="run the NeXus writer out of process (0MQ)",
-        description="Write scan files from documents published through a bluesky 0MQ proxy "
-        "(bluesky-0MQ-proxy --in-address 5577 --out-address 5578).",
-    )
-    p.add_argument("--zmq", required=True, metavar="HOST:PORT", help="proxy output address")
-    p.add_argument("--reduce", default="", metavar="STEPS", help="post-scan steps, e.g. max,find")
-    p.set_defaults(func=_cmd_writer)
 
     p = subparsers.add_parser(
         "replay",
@@ -96,26 +91,55 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         seed=args.seed,
     )
-    print(f"experiment: {result.experiment_dir}")
+    if args.json:
+        print_json(result.as_dict())
+        return 0
+    home = result.experiment_dir
+    _print_demo_summary(result)
+    print(f"experiment:  {home}")
     for path in result.scan_files:
-        print(f"scan file:  {path}")
-    for res in result.reduction:
-        print(f"reduced:    {res}")
-    for png in result.plots:
-        print(f"plot:       {png}")
+        print(f"scan file:   {path.relative_to(home)}")
+    failed = result.as_dict()["steps_failed"]
+    if failed:
+        print(f"failed steps: {', '.join(failed)} (see 'nxrefine-bs workflow status {home}')")
     if result.processed:
-        print(f"tiled:      {len(result.processed)} processed scans registered")
-    print(
-        f"done in {result.seconds:.0f} s; see 'nxrefine-bs workflow status {result.experiment_dir}'"
+        where = home / "tiled"
+        print(f"tiled:       {len(result.processed)} processed scans registered in {where}")
+    print(f"done in {result.seconds:.0f} s; see 'nxrefine-bs workflow status {home}'")
+    return 0
+
+
+def _print_demo_summary(result: Any) -> None:
+    """One row per temperature: what the reduction found."""
+    if not result.summary:
+        return
+    rows = []
+    for t in result.summary:
+        cell = "-" if t.a is None else f"{t.a:.4f} ± {t.a_error:.4f}"
+        rows.append(
+            {
+                "T": f"{t.temperature:g}",
+                "peaks": t.peaks,
+                "indexed": None if t.indexed_fraction is None else f"{t.indexed_fraction:.0%}",
+                "a": cell,
+                "sl": None if t.superlattice is None else f"{t.superlattice:.2%}",
+                "eta": f"{t.order_parameter:.2f}",
+                "png": None if t.png is None else str(t.png.relative_to(result.experiment_dir)),
+            }
+        )
+    print_results(
+        rows,
+        [
+            ("T", "T (K)"),
+            ("peaks", "peaks"),
+            ("indexed", "indexed"),
+            ("a", "a (Å) ± error"),
+            ("sl", "superlattice / Bragg"),
+            ("eta", "CDW order (sim)"),
+            ("png", "HK0 plot"),
+        ],
+        title="Temperature series: superlattice reflections appear below Tc = 200 K",
     )
-    return 0
-
-
-def _cmd_writer(args: argparse.Namespace) -> int:
-    from ..callbacks.remote import serve
-
-    serve(args.zmq, reduce_steps=[s for s in args.reduce.split(",") if s])
-    return 0
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
