@@ -15,7 +15,15 @@ One command does what a beamline day does, on the embedded simulated beamline:
    transform to HKL, combine) on a background thread, tracked in the workflow database;
 6. archive the runs in the experiment's embedded Tiled catalog and register the
    processed scans there, searchable by sample, temperature and lattice;
-7. save a PNG of the (H, K, 0) plane of each temperature's merged transform.
+7. save a PNG of the (H, K, 0) plane of each temperature's merged transform and
+   summarise each temperature (:class:`TemperatureSummary`).
+
+The temperature reaches the simulator through the devices: the temperature controller's
+readback is read by the detector when it prepares each rotation.  The simulated crystal
+(:data:`DEMO_THERMAL`) has Debye-Waller factors, thermal expansion, thermal diffuse
+scattering and a charge-density wave below ``Tc = 200 K`` whose ``(1/2, 1/2, 0)``-type
+superlattice reflections appear on cooling: in the HK0 PNGs and in the summary's
+``superlattice / Bragg`` column (:func:`superlattice_signal`).
 """
 
 from __future__ import annotations
@@ -28,6 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from numpy.typing import NDArray
+
 from .errors import ExperimentError
 from .experiment import Experiment, scan_directory_name
 from .geometry import Geometry
@@ -36,13 +47,84 @@ from .nexus.template import Position, create_configuration
 from .reduce.lattice import Lattice, write_lattice
 from .simulation.crystal import SimCrystal
 from .simulation.frames import DetectorModel
+from .simulation.thermal import CDW_VECTORS, ThermalModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DemoResult", "run_demo"]
+__all__ = [
+    "DEMO_THERMAL",
+    "DemoResult",
+    "TemperatureSummary",
+    "run_demo",
+    "summarise_scan",
+    "superlattice_signal",
+]
 
 MARKER = ".nxrefine-bs-demo"
 SAMPLE, LABEL = "demo", "xtal1"
+
+DEMO_THERMAL = ThermalModel(
+    reference_temperature=300.0,
+    einstein_temperature=250.0,
+    expansion=1.0e-5,
+    tds=30.0,
+    cdw_tc=200.0,
+    cdw_beta=0.35,
+    cdw_amplitude=0.04,
+    cdw_vectors=CDW_VECTORS,
+)
+"""The demo crystal's temperature dependence: CDW below 200 K (TiSe2-like)."""
+
+
+@dataclass
+class TemperatureSummary:
+    """What the reduction found at one temperature of the demo series.
+
+    Attributes
+    ----------
+    temperature : float
+        K.
+    scan_file : Path
+        ``<sample>_<scan>.nxs``.
+    peaks : int
+        Peaks found, all rotations together.
+    indexed_fraction : float or None
+        Indexed peaks / peaks used by the refinement, all rotations together.
+    a, a_error : float or None
+        Refined cell length (Angstrom) averaged over the rotations, and its standard
+        error.
+    superlattice : float or None
+        Mean superlattice-reflection intensity over the mean Bragg intensity in the
+        merged transform (:func:`superlattice_signal`).
+    order_parameter : float
+        CDW order parameter the simulator used at this temperature.
+    png : Path or None
+        The HK0 plane of the merged transform.
+    """
+
+    temperature: float
+    scan_file: Path
+    peaks: int = 0
+    indexed_fraction: float | None = None
+    a: float | None = None
+    a_error: float | None = None
+    superlattice: float | None = None
+    order_parameter: float = 0.0
+    png: Path | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready values."""
+        return {
+            "temperature": self.temperature,
+            "scan_file": str(self.scan_file),
+            "peaks": self.peaks,
+            "indexed_fraction": self.indexed_fraction,
+            "a": self.a,
+            "a_error": self.a_error,
+            "superlattice_over_bragg": self.superlattice,
+            "order_parameter": self.order_parameter,
+            "png": None if self.png is None else str(self.png),
+        }
 
 
 @dataclass
@@ -55,7 +137,132 @@ class DemoResult:
     reduction: list[Any] = field(default_factory=list)
     plots: list[Path] = field(default_factory=list)
     processed: list[str] = field(default_factory=list)
+    summary: list[TemperatureSummary] = field(default_factory=list)
     seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (no reprs of internal objects)."""
+        return {
+            "experiment_dir": str(self.experiment_dir),
+            "scan_files": [str(p) for p in self.scan_files],
+            "run_uids": list(self.run_uids),
+            "steps_failed": [
+                f"{o.step}:{o.entry}"
+                for r in self.reduction
+                for o in getattr(r, "outcomes", [])
+                if not getattr(o, "ok", True)
+            ],
+            "plots": [str(p) for p in self.plots],
+            "processed": list(self.processed),
+            "temperatures": [t.as_dict() for t in self.summary],
+            "seconds": round(self.seconds, 1),
+        }
+
+
+def superlattice_signal(
+    transform_file: str | Path,
+    *,
+    centring: str = "F",
+    vectors: Sequence[Sequence[float]] = CDW_VECTORS,
+) -> tuple[float, float]:
+    """Mean integrated intensity of superlattice and of Bragg reflections.
+
+    Every allowed reciprocal-lattice point ``G`` (``centring``) inside the grid and every
+    ``G ± q`` (``q`` in ``vectors``) is measured in the merged transform: the sum over
+    the 3x3x3 voxels around the position minus 27 times the mean of the rest of the
+    7x7x7 box (the local background; for a step of 0.1 r.l.u. the box reaches 0.3
+    r.l.u. from the position).  Positions whose box holds unmeasured voxels are skipped.
+    Without a superlattice the first value scatters around zero.
+
+    Returns
+    -------
+    superlattice, bragg : float
+        Mean integrated intensities (NaN when no position was measured).
+    """
+    from .reduce.transform_io import read_transform
+    from .simulation.crystal import SimCrystal
+
+    grid, f = read_transform(transform_file)
+    with f:
+        data = f["entry/data"]
+        if "data" in data:
+            arr = np.asarray(data["data"][()], dtype=np.float64)
+        else:
+            v = np.asarray(data["v"][()], dtype=np.float64)
+            n = np.asarray(data["n"][()], dtype=np.float64)
+            arr = np.divide(v, n, out=np.full_like(v, np.nan), where=n > 0)
+    arr = np.where(np.isfinite(arr) & (arr > 0), arr, np.nan)
+    axes = [grid.h, grid.k, grid.l]
+    lo = np.array([a.start for a in axes])
+    hi = np.array([a.stop for a in axes])
+    step = np.array([a.step for a in axes])
+    box = int(np.ceil(0.3 / step.min()))
+    ranges = [
+        np.arange(np.ceil(a + 0.3), np.floor(b - 0.3) + 1) for a, b in zip(lo, hi, strict=True)
+    ]
+    g = np.stack(np.meshgrid(*ranges, indexing="ij"), -1).reshape(-1, 3)
+    probe = SimCrystal(cell=(1.0, 1.0, 1.0, 90.0, 90.0, 90.0), centring=centring)
+    g = g[probe.allowed(g) & np.any(g != 0, axis=1)]
+    q = np.asarray(vectors, dtype=np.float64).reshape(-1, 3)
+    sat = (g[:, None, :] + np.concatenate([q, -q])[None]).reshape(-1, 3)
+    sat = np.unique(np.round(sat, 6), axis=0)
+
+    def mean_signal(points: NDArray[np.float64]) -> float:
+        values = []
+        for p in points:
+            i = np.rint((p - lo) / step).astype(int)  # (h, k, l) index; storage is [l, k, h]
+            sl = tuple(slice(i[j] - box, i[j] + box + 1) for j in (2, 1, 0))
+            if any(s.start < 0 for s in sl):
+                continue
+            cube = arr[sl]
+            if cube.shape != (2 * box + 1,) * 3 or np.isnan(cube).any():
+                continue
+            core = cube[box - 1 : box + 2, box - 1 : box + 2, box - 1 : box + 2].sum()
+            shell = (cube.sum() - core) / (cube.size - 27)
+            values.append(core - 27.0 * shell)
+        return float(np.mean(values)) if values else float("nan")
+
+    inside = np.all((sat >= lo + 0.3) & (sat <= hi - 0.3), axis=1)
+    return mean_signal(sat[inside]), mean_signal(g)
+
+
+def summarise_scan(
+    scan_file: Path, temperature: float, png: Path | None = None
+) -> TemperatureSummary:
+    """Collect peaks, indexing, refined cell and superlattice signal of one scan."""
+    import h5py
+
+    from .nexus.provenance import process_done, read_process
+
+    out = TemperatureSummary(
+        temperature=float(temperature),
+        scan_file=scan_file,
+        order_parameter=DEMO_THERMAL.order_parameter(temperature),
+        png=png,
+    )
+    cells, errors = [], []
+    n_indexed = n_used = 0
+    with h5py.File(scan_file, "r") as f:
+        for entry in sorted(k for k in f if k != "entry"):
+            if process_done(f[entry], "nxfind"):
+                out.peaks += int(read_process(f[entry], "nxfind")["summary"].get("npeaks", 0))
+            if process_done(f[entry], "nxrefine"):
+                summary = read_process(f[entry], "nxrefine")["summary"]
+                n_indexed += int(summary.get("n_indexed", 0))
+                n_used += int(summary.get("n_used", 0))
+                cells.append(float(summary["cell"][0]))
+                errors.append(float((summary.get("errors") or {}).get("a", np.nan)))
+    if n_used:
+        out.indexed_fraction = n_indexed / n_used
+    if cells:
+        out.a = float(np.mean(cells))
+        out.a_error = float(np.sqrt(np.nansum(np.square(errors))) / len(cells))
+    transform = scan_file.parent / scan_file.stem.split("_", 1)[1] / "transform.nxs"
+    if transform.exists():
+        sat, bragg = superlattice_signal(transform)
+        if np.isfinite(sat) and np.isfinite(bragg) and bragg > 0:
+            out.superlattice = sat / bragg
+    return out
 
 
 def _prepare_directory(directory: Path, overwrite: bool) -> Path:
@@ -83,13 +290,15 @@ def run_demo(
     phi_start: float = -5.0,
     phi_end: float = 175.0,
     phi_step: float = 1.0,
-    grid_step: float = 0.05,
+    grid_step: float = 0.1,
     reduce: bool = True,
     tiled: bool = True,
     progress: bool = True,
     overwrite: bool = False,
     seed: int = 0,
     frame_time: float = 0.01,
+    thermal: ThermalModel | None = DEMO_THERMAL,
+    compression: str | None = "gzip",
 ) -> DemoResult:
     """Run the whole simulated experiment; see the module docstring.
 
@@ -119,6 +328,11 @@ def run_demo(
         Seed of the simulation.
     frame_time : float
         Simulated exposure per frame (s); the simulated detector keeps this pace.
+    thermal : ThermalModel, optional
+        Temperature dependence of the simulated crystal (default :data:`DEMO_THERMAL`;
+        None: every temperature gives the same frames).
+    compression : str, optional
+        h5py compression of the detector files (None: uncompressed).
     """
     from .plans.rotation import temperature_series
     from .session import start_session
@@ -207,7 +421,8 @@ def run_demo(
         reduce_params={"qh": grid, "qk": grid, "ql": grid},
         tiled=tiled,
         progress=progress,
-        simulator_kwargs={"diffuse": 1.5, "max_intensity": 5.0e6},
+        simulator_kwargs={"diffuse": 1.5, "max_intensity": 5.0e6, "thermal": thermal},
+        compression=compression,
     )
     result = DemoResult(exp.directory, scan_files, [])
     try:
@@ -235,14 +450,27 @@ def run_demo(
         if session.reduction is not None:
             logger.info("waiting for the post-scan reduction to finish")
             result.reduction = session.reduction.wait()
-            from .reduce.transform import plot_slice
+            from .plots import plot_slice
 
-            for scan_file in scan_files:
+            for scan_file, temperature in zip(scan_files, temperatures, strict=True):
                 transform = scan_file.parent / scan_file.stem.split("_", 1)[1] / "transform.nxs"
+                png = None
                 if transform.exists():
                     png = transform.with_name("transform_hk0.png")
-                    plot_slice(transform, axis="l", value=0.0, png=png)
+                    plot_slice(
+                        transform,
+                        axis="l",
+                        value=0.0,
+                        png=png,
+                        title=f"{SAMPLE} {LABEL}, T = {temperature:g} K",
+                    )
                     result.plots.append(png)
+                summary = summarise_scan(scan_file, temperature, png)
+                if thermal is None:
+                    summary.order_parameter = 0.0
+                else:
+                    summary.order_parameter = thermal.order_parameter(temperature)
+                result.summary.append(summary)
         if session.tiled is not None:
             from .tiled.processed import register_experiment
             from .workflow.database import WorkflowDB

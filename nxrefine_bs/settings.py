@@ -290,6 +290,8 @@ SCHEMA: tuple[SettingSpec, ...] = (
     _s("nxreduce", "mask_h1", int, 11, "3-D mask: first box size", check=_check_positive),
     _s("nxreduce", "mask_t2", float, 0.8, "3-D mask: second threshold"),
     _s("nxreduce", "mask_h2", int, 51, "3-D mask: second box size", check=_check_positive),
+    _s("nxreduce", "threads", int, 0, "transform threads (0: one per core)",
+       check=_check_non_negative),  # fmt: skip
     _s("nxreduce", "scan_path", str, "/entry/sample/temperature", "scan variable in scan files"),
     _s("nxreduce", "scan_units", str, "K", "units of the scan variable"),
 )

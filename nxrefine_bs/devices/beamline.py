@@ -254,12 +254,20 @@ def make_sim_beamline(
         )
     goniometer = SimGoniometer(name="goniometer", chi=geom.chi, omega=geom.omega, theta=geom.theta)
     chambers = [SimIonChamber(name=m) for m in monitors]
+    temp = (
+        SimTemperatureController(
+            name="temperature", initial=temperature, time_constant=temperature_time_constant
+        )
+        if temperature is not None
+        else None
+    )
     det = SimRotationDetector(
         directory_or_path_provider,
         crystal=crystal or default_crystal(seed),
         detector=model,
         geometry=geom,
         goniometer=goniometer,
+        temperature=temp,
         monitors=chambers,
         seed=seed,
         frame_time=frame_time,
@@ -267,13 +275,6 @@ def make_sim_beamline(
         simulator_kwargs=simulator_kwargs,
         compression=compression,
         name=detector_name,
-    )
-    temp = (
-        SimTemperatureController(
-            name="temperature", initial=temperature, time_constant=temperature_time_constant
-        )
-        if temperature is not None
-        else None
     )
     devices = SimBeamlineDevices(
         goniometer=goniometer,

@@ -318,6 +318,9 @@ class SimRotationDetector(StandardDetector):
         ``phi_start``/``phi_step`` by the signals of the same names.
     goniometer : SimGoniometer, optional
         Read at prepare time for chi, omega and theta.
+    temperature : SimTemperatureController, optional
+        Read at prepare time: the sample temperature the simulator renders (see
+        :class:`~nxrefine_bs.simulation.thermal.ThermalModel`).
     monitors : sequence of SimIonChamber
         Channels that receive the per-frame monitor counts (matched by ``channel``).
     seed : int
@@ -358,6 +361,7 @@ class SimRotationDetector(StandardDetector):
         detector: DetectorModel,
         geometry: Geometry,
         goniometer: SimGoniometer | None = None,
+        temperature: Any | None = None,
         monitors: Sequence[SimIonChamber] = (),
         seed: int = 0,
         frame_time: float = 0.1,
@@ -378,6 +382,7 @@ class SimRotationDetector(StandardDetector):
         # Plain references: assigning a Device attribute would adopt it as a child
         # (and rename it <detector>-goniometer).
         object.__setattr__(self, "_goniometer", goniometer)
+        object.__setattr__(self, "_temperature", temperature)
         object.__setattr__(self, "_monitors", tuple(monitors))
         self.seed = int(seed)
         self.simulator_kwargs = dict(simulator_kwargs or {})
@@ -514,6 +519,9 @@ class SimRotationDetector(StandardDetector):
                 self.goniometer.theta.user_readback.get_value(),
             )
             angles = {"chi": chi, "omega": omega, "theta": theta}
+        temperature = None
+        if self._temperature is not None:
+            temperature = float(await self._temperature.readback.get_value())
         sim = rotation_simulator(
             self.geometry,
             self.crystal,
@@ -522,6 +530,7 @@ class SimRotationDetector(StandardDetector):
             phi_start=phi_start,
             phi_step=phi_step,
             seed=file_seed(self.seed, file_name),
+            temperature=temperature,
             simulator_kwargs=self.simulator_kwargs,
             **angles,
         )

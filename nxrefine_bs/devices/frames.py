@@ -106,6 +106,7 @@ def rotation_simulator(
     omega: float | None = None,
     theta: float | None = None,
     seed: int = 0,
+    temperature: float | None = None,
     simulator_kwargs: Mapping[str, Any] | None = None,
 ) -> RotationSimulator:
     """The simulator of one rotation with the goniometer angles at acquisition time.
@@ -126,6 +127,9 @@ def rotation_simulator(
         Goniometer angles; ``None`` keeps the value of ``geometry``.
     seed : int
         Noise seed (see :func:`file_seed`).
+    temperature : float, optional
+        Sample temperature (K) at acquisition time; it changes the frames when
+        ``simulator_kwargs`` holds a ``thermal`` model.
     simulator_kwargs : mapping, optional
         Further keyword arguments of :class:`RotationSimulator` (``max_intensity``...).
 
@@ -143,6 +147,7 @@ def rotation_simulator(
         detector,
         int(n_frames),
         seed=int(seed),
+        temperature=temperature,
         **dict(simulator_kwargs or {}),
     )
 

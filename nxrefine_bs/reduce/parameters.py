@@ -290,7 +290,8 @@ STEP_PARAMETERS: dict[str, tuple[Parameter, ...]] = {
             "polarization factor if the entry has no array",
             setting="polarization",
         ),
-        _p("nthreads", "int", "threads of the transform kernel"),
+        _p("nthreads", "int", "threads of the transform kernel (setting threads; 0: one per "
+           "core)", setting="threads", flags=("--threads",)),  # fmt: skip
         _p("block_frames", "int", "frames per kernel block"),
         _p("compression", "str", "compression of the output file (see nexus.codecs)"),
     ),

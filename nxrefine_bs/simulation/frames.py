@@ -9,6 +9,9 @@ counts of
   Gaussian spot in x and y and a frame-integrated Gaussian in the rotation direction;
 * a smooth radial background (air and Compton scattering) x polarization;
 * optional diffuse scattering from short-range order, modulated in (H, K, L);
+* at a ``temperature`` with a :class:`~nxrefine_bs.simulation.thermal.ThermalModel`:
+  Debye-Waller factors and thermal expansion of the crystal, thermal diffuse scattering
+  around the reciprocal-lattice points and CDW superlattice reflections below ``Tc``;
 
 all scaled by a drifting incident-flux monitor, then Poisson noise, with detector gaps
 set to -1 as a Pilatus does.  Every frame is generated from its own seed, so any frame
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import h5py
@@ -31,6 +34,7 @@ from tqdm import tqdm
 from ..errors import NXRefineBSError
 from ..geometry import Geometry, all_hkl
 from .crystal import SimCrystal
+from .thermal import ThermalModel
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +149,12 @@ class RotationSimulator:
         Mean incident-flux monitor counts per frame and the relative drift amplitude.
     polarization : float
         Horizontal polarization fraction of the beam.
+    temperature : float, optional
+        Sample temperature (K).  It changes the frames only together with ``thermal``.
+    thermal : ThermalModel, optional
+        How the crystal changes with temperature (Debye-Waller, expansion, thermal
+        diffuse scattering, CDW superlattice); without it ``temperature`` is recorded
+        only.
     """
 
     def __init__(
@@ -163,6 +173,8 @@ class RotationSimulator:
         monitor_mean: float = 50000.0,
         monitor_drift: float = 0.03,
         polarization: float = 0.99,
+        temperature: float | None = None,
+        thermal: ThermalModel | None = None,
     ) -> None:
         if tuple(geometry.shape) != tuple(detector.shape):
             raise NXRefineBSError(
@@ -172,7 +184,17 @@ class RotationSimulator:
         if n_frames < 1:
             raise NXRefineBSError(f"n_frames must be >= 1, got {n_frames}")
         self.geometry = geometry
+        self.temperature = None if temperature is None else float(temperature)
+        self.thermal = thermal if self.temperature is not None else None
+        reference_crystal = crystal
+        if self.thermal is not None and self.temperature is not None:
+            crystal = replace(
+                crystal,
+                cell=self.thermal.cell(crystal.cell, self.temperature),
+                b_iso=self.thermal.b_iso(crystal.b_iso, self.temperature),
+            )
         self.crystal = crystal
+        self._reference_crystal = reference_crystal
         self.detector = detector
         self.n_frames = int(n_frames)
         self.seed = int(seed)
@@ -187,6 +209,7 @@ class RotationSimulator:
         self._peaks: PeakTable | None = None
         self._background_image: NDArray[np.float32] | None = None
         self._q_pixels: NDArray[np.float32] | None = None
+        self._allowed_table: NDArray[np.bool_] | None = None
         self._monitor = self._make_monitor()
 
     # ------------------------------------------------------------------ monitor
@@ -226,11 +249,13 @@ class RotationSimulator:
         g = self.geometry
         cr = self.crystal
         d_min = 1.0 / (g.q_max() * 1.001)
-        hkl = all_hkl(d_min, cr.B)
+        hkl = all_hkl(d_min, cr.B).astype(np.float64)
         hkl = hkl[cr.allowed(hkl)]
         f2 = cr.intensity(hkl)
         keep = f2 > 1e-6 * f2.max() if len(f2) else np.zeros(0, bool)
-        hkl = hkl[keep]
+        sat_hkl, sat_f2 = self._satellites(hkl, f2)
+        hkl, f2 = np.concatenate([hkl[keep], sat_hkl]), np.concatenate([f2[keep], sat_f2])
+        f2_of = dict(zip(map(tuple, np.round(hkl * 12).astype(np.int64)), f2, strict=True))
         pred = g.predict(hkl, cr.UB)
         margin = 4 * self.sigma_frames
         on = (
@@ -250,8 +275,14 @@ class RotationSimulator:
         lorentz = np.linalg.norm(gc, axis=1) / np.maximum(rate, 1e-3 * np.linalg.norm(gc, axis=1))
         lorentz = np.minimum(lorentz, 50.0)
         pol = self._polarization_factor(g.pixel_vectors(x, y))
-        weight = cr.intensity(hkl_on) * lorentz * pol
-        scale = self.max_intensity / weight.max() if len(weight) else 1.0
+        keys = map(tuple, np.round(hkl_on * 12).astype(np.int64))
+        f2_on = np.fromiter((f2_of[k] for k in keys), dtype=np.float64, count=len(hkl_on))
+        weight = f2_on * lorentz * pol
+        # The strongest Bragg reflection of the crystal at the reference temperature has
+        # max_intensity, so Debye-Waller factors change absolute intensities.
+        bragg = np.all(hkl_on == np.rint(hkl_on), axis=1)
+        ref = self._reference_crystal.intensity(hkl_on[bragg]) * lorentz[bragg] * pol[bragg]
+        scale = self.max_intensity / ref.max() if len(ref) else 1.0
         intensity = weight * scale
         frame_index = np.clip(np.round(z).astype(int), 0, self.n_frames - 1)
         intensity_at_monitor = intensity * self._monitor[frame_index] / self.monitor_mean
@@ -276,6 +307,47 @@ class RotationSimulator:
         logger.debug("simulated %d Bragg reflections on %d frames", len(table), self.n_frames)
         return table
 
+    def _satellites(
+        self, hkl: NDArray[np.float64], f2: NDArray[np.float64]
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """CDW satellites of the allowed reflections ``hkl`` and their ``|F|^2``."""
+        if self.thermal is None or self.temperature is None:
+            return np.zeros((0, 3)), np.zeros(0)
+        positions, parent = self.thermal.satellites(hkl, self.temperature)
+        if len(positions) == 0:
+            return np.zeros((0, 3)), np.zeros(0)
+        b = self.crystal.B
+        s2_sat = np.sum((positions @ b.T) ** 2, axis=1) / 4.0
+        s2_par = np.sum((hkl[parent] @ b.T) ** 2, axis=1) / 4.0
+        dw = np.exp(-2.0 * self.crystal.b_iso * (s2_sat - s2_par))
+        sat_f2 = f2[parent] * dw * self.thermal.satellite_factor(s2_sat, self.temperature)
+        keep = sat_f2 > 1e-6 * f2.max()
+        return positions[keep], sat_f2[keep]
+
+    @property
+    def order_parameter(self) -> float:
+        """CDW order parameter at this simulator's temperature (0 without a CDW)."""
+        if self.thermal is None or self.temperature is None:
+            return 0.0
+        return self.thermal.order_parameter(self.temperature)
+
+    def _tds(self, hkl: NDArray[np.float32], q2: NDArray[np.float32]) -> NDArray[np.float32]:
+        """Thermal diffuse scattering (counts per pixel) at fractional ``hkl``."""
+        assert self.thermal is not None and self.temperature is not None
+        if self._allowed_table is None:  # centring absences repeat with period 6
+            grid = np.stack(np.meshgrid(*[np.arange(6)] * 3, indexing="ij"), -1).reshape(-1, 3)
+            self._allowed_table = self.crystal.allowed(grid).reshape(6, 6, 6)
+        nearest = np.rint(hkl)
+        idx = nearest.astype(np.int64) % 6
+        allowed = self._allowed_table[idx[:, 0], idx[:, 1], idx[:, 2]]
+        dq = (hkl - nearest) @ self.crystal.B.T.astype(np.float32)
+        dq2 = np.einsum("ij,ij->i", dq, dq)
+        kappa2 = np.float32(self.thermal.tds_width**2)
+        ratio = self.thermal.displacement_ratio(self.temperature)
+        s2 = q2 / np.float32(4.0)
+        envelope = q2 * np.exp(-(2.0 * self.crystal.b_iso + 20.0) * s2)
+        return (self.thermal.tds * ratio) * envelope * allowed * kappa2 / (dq2 + kappa2)
+
     # ------------------------------------------------------------------ frames
     def _ensure_pixel_cache(self) -> None:
         if self._background_image is not None:
@@ -291,8 +363,12 @@ class RotationSimulator:
         solid = cos_inc * g.distance**2 / np.einsum("...i,...i->...", s, s) ** 1.5
         bg = self.background / 3.0 * radial * self._polarization_factor(s) * solid
         self._background_image = bg.astype(np.float32)
-        if self.diffuse > 0:
+        if self.diffuse > 0 or self._tds_on:
             self._q_pixels = g.pixel_q_lab(xx, yy).reshape(-1, 3).astype(np.float32)
+
+    @property
+    def _tds_on(self) -> bool:
+        return self.thermal is not None and self.thermal.tds > 0
 
     def expected(self, index: int) -> NDArray[np.float64]:
         """Expected (noise-free) counts of frame ``index``."""
@@ -302,13 +378,16 @@ class RotationSimulator:
         assert self._background_image is not None
         scale = self._monitor[index] / self.monitor_mean
         img = self._background_image.astype(np.float64) * scale
-        if self.diffuse > 0 and self._q_pixels is not None:
+        if self._q_pixels is not None:
             g = self.geometry
             m = np.linalg.inv(self.crystal.UB) @ g.goniometer(g.phi(index)).T
             hkl = self._q_pixels @ m.T.astype(np.float32)
             q2 = np.einsum("ij,ij->i", self._q_pixels, self._q_pixels)
-            sro = (3.0 - np.cos(2 * np.pi * hkl).sum(axis=1)) / 6.0
-            img += (self.diffuse * scale * sro * np.exp(-2.0 * q2)).reshape(img.shape)
+            if self.diffuse > 0:
+                sro = (3.0 - np.cos(2 * np.pi * hkl).sum(axis=1)) / 6.0
+                img += (self.diffuse * scale * sro * np.exp(-2.0 * q2)).reshape(img.shape)
+            if self._tds_on:
+                img += (scale * self._tds(hkl, q2)).reshape(img.shape)
         self._add_peaks(img, index)
         return img
 
