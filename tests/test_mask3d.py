@@ -18,7 +18,7 @@ def masked(tmp_path_factory):
     sim = make_simulated_scan(tmp_path_factory.mktemp("m3"), write_truth_orientation=True)
     raw = sim.scan_dir / "f1.h5"
     raw_bytes = raw.read_bytes()
-    res = mask3d.run(sim.scan_file, "f1", h2=21)
+    res = mask3d.run(sim.scan_file, "f1", h2=21, first=0, last=360)  # every frame
     assert raw.read_bytes() == raw_bytes  # raw data untouched
     return sim, res
 
@@ -72,17 +72,18 @@ def test_mask_covers_strong_peaks_not_background(masked):
 
 def test_first_last_and_overwrite(tmp_path):
     sim = make_simulated_scan(tmp_path, n_frames=30, write_truth_orientation=True)
-    res = mask3d.run(sim.scan_file, "f1", first=5, last=24)
+    res = mask3d.run(sim.scan_file, "f1", first=5, last=24)  # frames 5 <= j < 24
+    assert res["frames"] == [5, 24]
     assert mask3d.run(sim.scan_file, "f1")["status"] == "skipped"
     with h5py.File(sim.scan_file, "r") as f:
         m = f["f1/data/data_mask"][()]
-    assert m[:5].all() and m[25:].all() and not m[5:25].all()
+    assert m[:5].all() and m[24:].all() and not m[5:24].all()
     with h5py.File(sim.scan_file, "r+") as f:
         remove_process(f["f1"], "nxprepare_mask")
     with pytest.raises(FileExistsNXError):
         mask3d.run(sim.scan_file, "f1")
     res = mask3d.run(sim.scan_file, "f1", overwrite=True)
-    assert res["frames"] == [0, 29]
+    assert res["frames"] == [0, 20]  # NXRefine's default last frame: nframes - 10
     # the masked transform skips masked voxels entirely
     grid = {"qh": (-8, 0.1, 8), "qk": (-8, 0.1, 8), "ql": (-8, 0.1, 8)}
     plain = transform.run(sim.scan_file, "f1", **grid)

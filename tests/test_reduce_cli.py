@@ -267,8 +267,12 @@ def test_settings_precedence(RE, experiment, scan):
     with h5py.File(scan.scan_file, "r") as f:
         assert read_process(f["f1"], "nxfind")["parameters"]["threshold"] == 70.0
         n_explicit = f["f1/peaks/x"].size
-    # the CLI follows the same rules
+    # the value used is recorded in the scan file's /entry/nxreduce, where NXRefine reads
+    # it, so it now outranks the experiment file; the CLI follows the same rules
     assert main(["find", str(scan.scan_file), "-e", "f2", "--no-progress"]) == 0
     with h5py.File(scan.scan_file, "r") as f:
-        assert read_process(f["f2"], "nxfind")["parameters"]["threshold"] == 120.0
-        assert f["f2/peaks/x"].size < n_explicit  # a higher threshold finds fewer
+        assert read_process(f["f2"], "nxfind")["parameters"]["threshold"] == 70.0
+    assert main(["find", str(scan.scan_file), "-e", "f1", "-t", "120", "-o", "--no-progress"]) == 0
+    with h5py.File(scan.scan_file, "r") as f:
+        assert read_process(f["f1"], "nxfind")["parameters"]["threshold"] == 120.0
+        assert f["f1/peaks/x"].size < n_explicit  # a higher threshold finds fewer
