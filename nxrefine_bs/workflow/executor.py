@@ -54,7 +54,7 @@ __all__ = [
 HEAVY_RESOURCE = "reduce_memory"
 """Dask worker resource a memory-heavy task takes one unit of (``--resources``)."""
 
-DEFAULT_RETRIES = 2
+DEFAULT_RETRIES = 3
 
 
 def db_args(db: WorkflowDB) -> DBArgs:

@@ -22,6 +22,7 @@ I/O errors raise so that Dask's ``retries=`` runs the task again, until the last
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 import traceback
@@ -60,7 +61,9 @@ PART_FILES: dict[str, tuple[str, ...]] = {
     "nxtransform": ("{entry}_transform.nxs.part", "{entry}_masked_transform.nxs.part"),
     "nxcombine": ("transform.nxs.part", "masked_transform.nxs.part"),
 }
-"""Temporary outputs (written, then renamed) of each process, in the scan directory."""
+"""Temporary outputs (written, then renamed) of each process, in the scan directory.
+
+A step may declare its own with a ``part_files`` attribute (same patterns)."""
 
 POLL = 0.25
 
@@ -82,7 +85,8 @@ def stray_part_files(scan_file: Path, entry: str, step: Step) -> list[Path]:
     scan = sample_scan[len(sample) + 1 :] if sample_scan.startswith(sample + "_") else sample_scan
     scan_dir = scan_file.parent / scan
     found = []
-    for pattern in PART_FILES.get(step.process, ()):
+    patterns = getattr(step, "part_files", None) or PART_FILES.get(step.process, ())
+    for pattern in patterns:
         path = scan_dir / pattern.format(entry=entry)
         if path.exists():
             found.append(path)
@@ -316,6 +320,7 @@ def _run(
                     retrying=True,
                 )
                 logger.warning("%s: transient error, will retry: %s", label, message)
+                time.sleep(min(0.2 * 2**attempts, 5.0) * (0.5 + random.random()))
                 raise
             logger.warning("%s failed: %s", label, message)
             logger.debug("%s", traceback.format_exc())
