@@ -37,14 +37,19 @@ def test_combine_sums_rotations(tmp_path):
         assert process_done(f["entry"], "nxcombine")
         link = tr.get("data", getlink=True)
         assert (link.filename, link.path) == ("300K/transform.nxs", "/entry/data/data")
-        assert tr.get("weights", getlink=True).path == "/entry/data/n"
+        # data is already v/n: no weights beside it (a reader would divide again)
+        assert "weights" not in tr
+        link = f["f1/transform"].get("weights", getlink=True)  # a rotation's: v with n
+        assert (
+            link.path == "/entry/data/n"
+            and f["f1/transform"].get("data", getlink=True).path == "/entry/data/v"
+        )
         assert list(tr.attrs["axes"]) == ["Ql", "Qk", "Qh"]
         assert tr["Qk"].attrs["scaling_factor"] == pytest.approx(2 * np.pi / 5.43)
         data = tr["data"][()]
-        weights = tr["weights"][()]
     with h5py.File(sim.scan_dir / "transform.nxs", "r") as f:
         np.testing.assert_allclose(f["entry/data/v"][()], v, rtol=1e-6)
-    np.testing.assert_allclose(weights, n, rtol=1e-6)
+        np.testing.assert_allclose(f["entry/data/n"][()], n, rtol=1e-6)
     expect = np.divide(v, n, out=np.zeros_like(v), where=n > 0)
     np.testing.assert_allclose(data, expect, rtol=1e-5, atol=1e-6)
     assert res["voxels_filled"] == int((n > 0).sum())

@@ -250,6 +250,7 @@ def run(
             grid,
             cell or (1, 1, 1, 90, 90, 90),
             signal_path="/entry/data/data",
+            weights_path=None,  # data is already v/n; a weights link would divide twice
             title=title,
         )
         record_process(

@@ -239,15 +239,22 @@ def link_transform(
     cell: Sequence[float],
     *,
     signal_path: str = "/entry/data/v",
-    weights_path: str = "/entry/data/n",
+    weights_path: str | None = "/entry/data/n",
     title: str | None = None,
 ) -> h5py.Group:
-    """Create ``fe/<group>`` NXdata linking a transform file (NXRefine layout)."""
+    """Create ``fe/<group>`` NXdata linking a transform file (NXRefine layout).
+
+    A rotation's transform links ``data`` -> ``v`` and ``weights`` -> ``n`` (the
+    normalised intensity is ``data / weights``).  The combined ``entry/transform``
+    links only ``data``, which is already normalised (NXRefine links the merged
+    ``transform.nxs`` ``v`` alone): pass ``weights_path=None``.
+    """
     if group in fe:
         del fe[group]
     grp = nx_group(fe, group, "NXdata")
     write_external_link(grp, "data", target, signal_path)
-    write_external_link(grp, "weights", target, weights_path)
+    if weights_path is not None:
+        write_external_link(grp, "weights", target, weights_path)
     ast, bst, cst, alst, best, gast = reciprocal_parameters(*cell)
     scal = {"h": 2 * math.pi * ast, "k": 2 * math.pi * bst, "l": 2 * math.pi * cst}
     for ax in reversed(grid.axes):
