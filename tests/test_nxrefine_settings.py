@@ -278,3 +278,27 @@ def test_parent_nxscans_settings_are_read(tmp_path, server_settings):
         f["entry"].require_group("nxscans").create_dataset("parent", data=parent.name)
     got = nr.resolve_parameters(["threshold", "first_frame"], scan_file=sim.scan_file)
     assert got == {"threshold": 777.0, "first_frame": 4}
+
+
+def test_every_group_that_claims_axes_has_them(tmp_path, server_settings):
+    """Scan files from the simulator, from sum-scans and the reduction outputs."""
+    from nexusformat.nexus import nxload
+
+    from nxrefine_bs.nexus.monitors import add_missing_axes
+    from nxrefine_bs.nexus.sumscans import sum_scans
+
+    a = make_simulated_scan(tmp_path / "exp", n_frames=20, scan="300K", seed=0)
+    b = make_simulated_scan(tmp_path / "exp", n_frames=20, scan="300Kb", seed=1)
+    summed = sum_scans([a.scan_file, b.scan_file], "300K_sum")
+    run_step("max", a.scan_file, "f1", first=0, last=20)
+    for path in (a.scan_file, summed, a.scan_dir / "f1.h5"):
+        with h5py.File(path, "r") as f:
+            assert add_missing_axes(f, create=False) == [], path
+    # an older file whose monitor names an axis it lacks is repaired in place
+    with h5py.File(a.scan_file, "r+") as f:
+        del f["f1/monitor/frame_number"]
+        assert add_missing_axes(f, create=False) == ["/f1/monitor/frame_number"]
+        assert add_missing_axes(f) == ["/f1/monitor/frame_number"]
+        np.testing.assert_array_equal(f["f1/monitor/frame_number"][()], np.arange(20))
+    root = nxload(str(a.scan_file))
+    assert [ax.nxname for ax in root["f1/monitor"].nxaxes] == ["frame_number"]

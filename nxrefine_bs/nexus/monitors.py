@@ -143,17 +143,24 @@ def read_monitor(
     return values
 
 
-def add_missing_axes(root: h5py.Group) -> list[str]:
+def add_missing_axes(root: h5py.Group, *, create: bool = True) -> list[str]:
     """Create the axis fields that groups below ``root`` name in ``@axes`` but lack.
 
     An axis missing from a group is written as ``0 .. n-1`` (int32) along the matching
     dimension of the group's signal (``frame_number`` of ``fN/monitor``...).  Axes that
     cannot be sized (no signal, ``.`` placeholders) are left alone.
 
+    Parameters
+    ----------
+    root : h5py.Group
+        A file or group (opened for writing unless ``create`` is False).
+    create : bool
+        False only reports what is missing.
+
     Returns
     -------
     list of str
-        The fields created (HDF5 paths).
+        The fields created (or missing, with ``create=False``), as HDF5 paths.
     """
     created: list[str] = []
     groups: list[h5py.Group] = []
@@ -177,8 +184,9 @@ def add_missing_axes(root: h5py.Group) -> list[str]:
             axis = axis.strip()
             if not axis or axis == "." or axis in group or dim >= signal.ndim:
                 continue
-            group.create_dataset(axis, data=np.arange(signal.shape[dim], dtype=np.int32))
+            if create:
+                group.create_dataset(axis, data=np.arange(signal.shape[dim], dtype=np.int32))
             created.append(f"{group.name}/{axis}")
-    if created:
+    if created and create:
         logger.info("added missing axis fields %s", ", ".join(created))
     return created
