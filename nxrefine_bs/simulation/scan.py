@@ -11,6 +11,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -82,13 +83,15 @@ def make_simulated_scan(
     write_truth_orientation: bool = False,
     progress: bool = False,
     compression: str | None = None,
-    **simulator_kwargs: float,
+    **simulator_kwargs: Any,
 ) -> SimulatedScan:
     """Create ``<directory>/<sample>/<label>/<sample>_<scan>.nxs`` and ``<scan>/fN.h5``.
 
     One rotation entry ``fN`` is written per value in ``omegas`` (the goniometer omega
     of that rotation), each with its own noise seed.  The unit cell is stored in
     ``entry/sample``; the true orientation only if ``write_truth_orientation``.
+    ``temperature`` is recorded and, with a ``thermal`` model among the simulator
+    options, changes the frames (:mod:`nxrefine_bs.simulation.thermal`).
     ``compression`` writes the detector stacks compressed (e.g. ``"bslz4"``, as Eiger
     and many Pilatus set-ups do; see :func:`nxrefine_bs.nexus.codecs.compression_options`).
     """
@@ -116,7 +119,13 @@ def make_simulated_scan(
             name = f"f{n}"
             geom = geometry.replace(omega=float(omega))
             sim = RotationSimulator(
-                geom, crystal, detector, n_frames, seed=seed * 100 + n, **simulator_kwargs
+                geom,
+                crystal,
+                detector,
+                n_frames,
+                seed=seed * 100 + n,
+                temperature=temperature,
+                **simulator_kwargs,
             )
             geometries[name], sims[name] = geom, sim
             fe = nx_group(f, name, "NXentry")
