@@ -82,14 +82,15 @@ def check_settings(f: h5py.File, entries: list[str], where: str) -> None:
         return
     orientations = {e: read_orientation(f[e]) for e in entries}
     ref = entries[0]
-    if lattice is None or orientations[ref] is None:
+    u_ref = orientations[ref]
+    if lattice is None or u_ref is None:
         logger.warning("%s: %s has no orientation or lattice; settings not compared", where, ref)
         return
     for e in entries[1:]:
         u = orientations[e]
         if u is None:
             continue
-        rel = setting_relation(orientations[ref], u, lattice)
+        rel = setting_relation(u_ref, u, lattice)
         if rel.angle > SETTING_ANGLE:
             logger.warning(
                 "%s: %s and %s orientations differ by %.1f deg even allowing for the lattice "

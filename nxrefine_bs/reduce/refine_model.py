@@ -202,6 +202,7 @@ class _Model:
         self.c, self.s = np.cos(phi), np.sin(phi)
         self.OT = geometry.O.T * geometry.pixel_size
         off = np.array([geometry.xs, geometry.ys, geometry.zs])
+        self.off: NDArray[np.float64] | None = None
         if np.any(off):
             # Rz(phi) . offset for every peak; G(phi) off = M . that
             self.off = np.column_stack(
@@ -211,8 +212,6 @@ class _Model:
                     np.full_like(self.c, off[2]),
                 ]
             )
-        else:
-            self.off = None
         self.base = {n: float(getattr(geometry, n)) for n in GEOMETRY_PARAMETERS}
         self.base.update(dict.fromkeys(ORIENTATION_PARAMETERS, 0.0))
         self.base.update({n: float(getattr(lattice, n)) for n in lattice.free_parameters})
