@@ -121,9 +121,10 @@ def touch2_step(scan_file, entry, *, overwrite=False, progress=False, **_):
 
 @dataclass(frozen=True)
 class PartStep(Step):
-    """A step declaring the temporary file it writes (removed by the engine on a rerun)."""
+    """A memory-heavy step declaring the temporary file it writes (removed on a rerun)."""
 
     part_files: tuple[str, ...] = ()
+    memory_heavy: bool = True
 
 
 REGISTRY = {
