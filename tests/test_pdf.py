@@ -271,19 +271,26 @@ def test_laplace_fill_restores_a_harmonic_function(spacing):
     ll, kk, hh = np.meshgrid(*[np.arange(n, dtype=float) - 20] * 3, indexing="ij")
     x, y, z = ll * spacing[0], kk * spacing[1], hh * spacing[2]
     truth = x * x - y * y + x * y * z + 3 * z - 2 * x * z  # discretely harmonic too
-    # isolated holes (shared factorisation) and two overlapping ones (grouped solve)
+    # isolated holes (one shared factorisation) and two overlapping ones (grouped solve)
     centres = np.array([[22, 22, 20], [8, 30, 8], [31, 9, 30], [10, 10, 25], [13, 10, 25]])
     vol = truth.copy()
     result, voxels = fill_holes(vol, centres, _sphere(4), spacing=spacing)
-    assert result.shared == 3 and result.grouped == 2 and result.groups == 1
+    assert (result.shared, result.factorisations, result.grouped, result.groups) == (3, 1, 2, 1)
     vol.reshape(-1)[voxels] = 1e6  # forget the hole values
     fill_holes(vol, centres, _sphere(4), spacing=spacing)
     np.testing.assert_allclose(vol, truth, atol=1e-8 * np.abs(truth).max())
-    # the same holes solved as one global sparse system give the same fill
-    other = truth.copy()
-    other.reshape(-1)[voxels] = 0.0
-    assert fill_mask(other, voxels, spacing=spacing) == voxels.size
-    np.testing.assert_allclose(other, vol, atol=1e-8 * np.abs(truth).max())
+    # holes clipped by the volume's edge (zero-flux there; two clipped alike, one centred
+    # outside the volume) agree with one global sparse solve of the same holes
+    edges = np.array([[0, 30, 20], [0, 33, 33], [40, 3, 3], [-2, 12, 36]])
+    both = np.vstack([centres, edges])
+    ours = truth.copy()
+    result, voxels = fill_holes(ours, both, _sphere(4), spacing=spacing)
+    assert (result.shared, result.factorisations) == (7, 4)
+    ref = truth.copy()
+    ref.reshape(-1)[voxels] = 0.0
+    assert fill_mask(ref, voxels, spacing=spacing) == voxels.size
+    np.testing.assert_allclose(ours, ref, atol=1e-8 * np.abs(truth).max())
+    assert ours[0, 30, 20] != truth[0, 30, 20]  # the edge holes were really filled
 
 
 def test_matern_fill_is_exact_for_its_own_solutions():

@@ -10,9 +10,10 @@ the stencil (zero-flux boundary).
 Only the hole voxels are unknowns: the system is assembled on the hole voxels and the
 ``m``-voxel shell around them (:func:`hole_system`), never on the whole grid.  Punched
 Bragg peaks all have the same shape, so :func:`fill_holes` factorises that one local
-system once (SuperLU) and solves every isolated, interior hole with it, in batches of
-right-hand sides; holes that overlap or touch the volume's edge are solved together as
-one sparse system per group (:func:`fill_mask`).
+system once (SuperLU) and solves every isolated interior hole with it, in batches of
+right-hand sides (holes clipped alike by the volume's edge share one factorisation too);
+holes that overlap are solved together in one block-diagonal sparse system
+(:func:`fill_mask`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ class FillResult:
     holes : int
         Holes filled.
     shared : int
-        Holes solved with the shared factorisation.
+        Isolated holes, solved with a factorisation shared by all holes that the
+        volume's edge clips alike (one for all interior holes).
+    factorisations : int
+        Sparse LU factorisations made for them.
     grouped : int
         Holes solved in groups (overlapping or at the edge).
     groups : int
@@ -59,6 +63,7 @@ class FillResult:
 
     holes: int = 0
     shared: int = 0
+    factorisations: int = 0
     grouped: int = 0
     groups: int = 0
     voxels: int = 0
@@ -262,62 +267,74 @@ def fill_holes(
     offs = np.argwhere(stencil) - half  # (p, 3) offsets (dl, dk, dh)
     centres = np.asarray(centres, dtype=np.int64).reshape(-1, 3)
     pad = half + m
-    interior = np.all((centres - pad >= 0) & (centres + pad < np.array(shape)), axis=1)
-    reach = int(2 * pad.max())
-    grouped = _groups(centres, reach)
+    dims = np.array(shape)
+    grouped = _groups(centres, int(2 * pad.max()))
     in_group = np.zeros(len(centres), dtype=bool)
     for g in grouped:
         in_group[g] = True
-    edge_alone = np.nonzero(~interior & ~in_group)[0]
-    shared = np.nonzero(interior & ~in_group)[0]
     result = FillResult(holes=len(centres))
     filled: list[NDArray[np.int64]] = []
     flat = volume.reshape(-1)
 
-    def hole_voxels(idx: Sequence[int] | NDArray[np.int64]) -> NDArray[np.int64]:
-        pts = (centres[np.asarray(idx)][:, None, :] + offs[None, :, :]).reshape(-1, 3)
-        ok = np.all((pts >= 0) & (pts < np.array(shape)), axis=1)
-        pts = pts[ok]
-        return np.unique((pts[:, 0] * nk + pts[:, 1]) * nh + pts[:, 2])
-
-    if shared.size:
-        box = tuple(int(2 * p + 1) for p in pad)
-        local = np.zeros(box, dtype=bool)
-        local[tuple(slice(m, m + s) for s in stencil.shape)] = stencil
-        _, bk, bh = box
+    # Isolated holes: one factorisation per way the volume's edge clips the local box
+    # (interior holes all share one), solved in batches of right-hand sides.
+    alone = np.nonzero(~in_group)[0]
+    clip_lo = np.maximum(pad - centres[alone], 0)
+    clip_hi = np.maximum(centres[alone] + pad - (dims - 1), 0)
+    keys, which = np.unique(np.hstack([clip_lo, clip_hi]), axis=0, return_inverse=True)
+    full = tuple(int(2 * p + 1) for p in pad)
+    template = np.zeros(full, dtype=bool)
+    template[tuple(slice(m, m + s) for s in stencil.shape)] = stencil
+    for key_index, key in enumerate(keys):
+        lo, hi = key[:3], key[3:]
+        if np.any(lo + hi >= np.array(full)):
+            continue  # the box lies outside the volume
+        local = template[tuple(slice(a, f - b) for a, f, b in zip(lo, full, hi, strict=True))]
+        members = alone[which.ravel() == key_index]
+        if not local.any():
+            continue  # only the hole's shell reaches into the volume
+        box = local.shape
         lholes = np.flatnonzero(local)
         a, b, lknown = hole_system(box, lholes, m=m, epsilon=epsilon, spacing=spacing)
         lu = spla.splu(a.tocsc())
 
-        def to_global(lflat: NDArray[np.int64]) -> NDArray[np.int64]:
-            ll, rem = np.divmod(lflat, bk * bh)
-            lk, lh = np.divmod(rem, bh)
-            return ((ll - pad[0]) * nk + (lk - pad[1])) * nh + (lh - pad[2])
+        def to_global(lflat: NDArray[np.int64], lo=lo, box=box) -> NDArray[np.int64]:
+            ll, rem = np.divmod(lflat, box[1] * box[2])
+            lk, lh = np.divmod(rem, box[2])
+            off = np.stack([ll, lk, lh], axis=1) + lo - pad
+            return (off[:, 0] * nk + off[:, 1]) * nh + off[:, 2]
 
         g_holes = to_global(lholes)
         g_known = to_global(lknown)
-        cflat = (centres[shared, 0] * nk + centres[shared, 1]) * nh + centres[shared, 2]
+        cflat = (centres[members, 0] * nk + centres[members, 1]) * nh + centres[members, 2]
         for s0 in range(0, len(cflat), batch):
             c = cflat[s0 : s0 + batch]
             known_vals = flat[g_known[:, None] + c[None, :]].astype(np.float64)
             u = lu.solve(np.asarray(-(b @ known_vals)))
             flat[g_holes[:, None] + c[None, :]] = u
         filled.append((g_holes[:, None] + cflat[None, :]).ravel())
-        result.shared = int(shared.size)
-    for group in [list(g) for g in grouped] + [[int(i)] for i in edge_alone]:
-        vox = hole_voxels(group)
+        result.shared += int(members.size)
+        result.factorisations += 1
+
+    # Overlapping holes: one block-diagonal sparse system for all groups.
+    if grouped:
+        idx = np.concatenate([np.asarray(g) for g in grouped])
+        pts = (centres[idx][:, None, :] + offs[None, :, :]).reshape(-1, 3)
+        pts = pts[np.all((pts >= 0) & (pts < dims), axis=1)]
+        vox = np.unique((pts[:, 0] * nk + pts[:, 1]) * nh + pts[:, 2])
         if vox.size:
             fill_mask(volume, vox, m=m, epsilon=epsilon, spacing=spacing)
             filled.append(vox)
-        result.grouped += len(group)
-        result.groups += 1
+        result.grouped = int(idx.size)
+        result.groups = len(grouped)
     voxels = np.unique(np.concatenate(filled)) if filled else np.zeros(0, dtype=np.int64)
     result.voxels = int(voxels.size)
     result.seconds = time.perf_counter() - t0
     logger.debug(
-        "filled %d holes (%d shared, %d in %d groups), %d voxels in %.2f s",
+        "filled %d holes (%d with %d factorisations, %d in %d groups), %d voxels in %.2f s",
         result.holes,
         result.shared,
+        result.factorisations,
         result.grouped,
         result.groups,
         result.voxels,

@@ -247,23 +247,53 @@ def index_operators(
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
 def _symmetrize_planes(v, n, w, t, l0, l1, out, out_n):  # pragma: no cover - compiled
+    # Output tiles of TILE^3 voxels, operators outside the voxel loops: for one operator
+    # the images of a tile form one tile, so the reads stay in cache even for operators
+    # that swap axes (which otherwise read across planes voxel by voxel).
+    tile = 16
     nl, nk, nh = v.shape
     nops = w.shape[0]
-    for il in range(l0, l1):
-        for ik in range(nk):
-            for ih in range(nh):
-                sv = 0.0
-                sn = 0.0
+    acc_v = np.zeros((tile, tile, tile))
+    acc_n = np.zeros((tile, tile, tile))
+    for tl in range(l0, l1, tile):
+        el = min(tl + tile, l1)
+        for tk in range(0, nk, tile):
+            ek = min(tk + tile, nk)
+            for th in range(0, nh, tile):
+                eh = min(th + tile, nh)
+                acc_v[:] = 0.0
+                acc_n[:] = 0.0
                 for o in range(nops):
-                    sh = w[o, 0, 0] * ih + w[o, 0, 1] * ik + w[o, 0, 2] * il + t[o, 0]
-                    sk = w[o, 1, 0] * ih + w[o, 1, 1] * ik + w[o, 1, 2] * il + t[o, 1]
-                    sl = w[o, 2, 0] * ih + w[o, 2, 1] * ik + w[o, 2, 2] * il + t[o, 2]
-                    if 0 <= sh < nh and 0 <= sk < nk and 0 <= sl < nl:
-                        sv += v[sl, sk, sh] + v[nl - 1 - sl, nk - 1 - sk, nh - 1 - sh]
-                        sn += n[sl, sk, sh] + n[nl - 1 - sl, nk - 1 - sk, nh - 1 - sh]
-                out[il, ik, ih] = sv / sn if sn > 0 else 0.0
-                if out_n.shape[0] > 0:
-                    out_n[il, ik, ih] = sn
+                    for il in range(tl, el):
+                        for ik in range(tk, ek):
+                            bh = w[o, 0, 1] * ik + w[o, 0, 2] * il + t[o, 0]
+                            bk = w[o, 1, 1] * ik + w[o, 1, 2] * il + t[o, 1]
+                            bl = w[o, 2, 1] * ik + w[o, 2, 2] * il + t[o, 2]
+                            ch = w[o, 0, 0]
+                            ck = w[o, 1, 0]
+                            cl = w[o, 2, 0]
+                            for ih in range(th, eh):
+                                sh = bh + ch * ih
+                                sk = bk + ck * ih
+                                sl = bl + cl * ih
+                                if 0 <= sh < nh and 0 <= sk < nk and 0 <= sl < nl:
+                                    mh = nh - 1 - sh
+                                    mk = nk - 1 - sk
+                                    ml = nl - 1 - sl
+                                    acc_v[il - tl, ik - tk, ih - th] += (
+                                        v[sl, sk, sh] + v[ml, mk, mh]
+                                    )
+                                    acc_n[il - tl, ik - tk, ih - th] += (
+                                        n[sl, sk, sh] + n[ml, mk, mh]
+                                    )
+                for il in range(tl, el):
+                    for ik in range(tk, ek):
+                        for ih in range(th, eh):
+                            sn = acc_n[il - tl, ik - tk, ih - th]
+                            sv = acc_v[il - tl, ik - tk, ih - th]
+                            out[il, ik, ih] = sv / sn if sn > 0 else 0.0
+                            if out_n.shape[0] > 0:
+                                out_n[il, ik, ih] = sn
 
 
 def symmetrize(
@@ -313,7 +343,8 @@ def symmetrize(
     out_n = np.empty(grid.shape if weights_out else (0, 0, 0), dtype=np.float32)
     nl = grid.shape[0]
     nthreads = max(1, min(int(nthreads), nl))
-    bounds = np.linspace(0, nl, min(nl, 4 * nthreads) + 1).astype(int)
+    bounds = np.unique(np.linspace(0, nl, min(nl, 4 * nthreads) + 1).astype(int) // 16 * 16)
+    bounds = np.append(bounds[bounds < nl], nl)
     if nthreads == 1:
         _symmetrize_planes(v, n, w, t, 0, nl, out, out_n)
     else:
