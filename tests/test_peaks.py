@@ -258,3 +258,20 @@ def test_threshold_from_scan_file_settings_and_nxload(scan):
     root = nxload(str(scan.scan_file))
     assert root["f1/peaks"].nxclass == "NXreflections"
     assert root["f1/peaks/x"].shape == (out["npeaks"],)
+
+
+def test_nxrefine_min_pixels_is_a_separation_and_drops_no_peak(scan):
+    """An NXRefine settings value ``min_pixels = 10`` must not act as a 10-voxel cut."""
+    from nxrefine_bs.nexus.nxreduce import write_parameters
+
+    plain = peaks.run(scan.scan_file, "f1", threshold=THRESHOLD, first=0)
+    with h5py.File(scan.scan_file, "r") as f:
+        n_small = int((f["f1/peaks/npixels"][()] < 10).sum())
+    assert n_small > 0  # the data have peaks below 10 voxels
+    write_parameters(scan.scan_file, {"min_pixels": 10})
+    shared = peaks.run(scan.scan_file, "f1", threshold=THRESHOLD, first=0, overwrite=True)
+    assert shared["min_pixels"] == 10 and shared["npeaks"] == plain["npeaks"]
+    with h5py.File(scan.scan_file, "r") as f:
+        assert int((f["f1/peaks/npixels"][()] < 10).sum()) == n_small
+        assert f["f1/peaks"].attrs["min_pixels"] == 10
+        assert read_process(f["f1"], "nxfind")["parameters"]["min_pixels"] == 10

@@ -303,3 +303,21 @@ def test_orientation_from_parent(scan_copy, tmp_path):
     assert out["orientation_change"] < 0.05
     with h5py.File(path, "r") as f:
         assert misorientation(read_orientation(f["f1"]), u_parent) < 0.05
+
+
+def test_default_polar_max_uses_every_peak(scan_copy):
+    """Through the registry (settings layers), the default uses every indexed peak."""
+    from nxrefine_bs.reduce.steps import run_step
+
+    path, _, (x, _, _) = scan_copy
+    out = run_step("refine", path, "f1")
+    assert out["n_used"] == out["n_peaks"] == len(x)
+    assert out["n_indexed"] > 0.95 * len(x)
+    with h5py.File(path, "r") as f:
+        g = read_geometry(f["f1"])
+    assert out["polar_max"] >= float(np.max(g.two_theta(*read_xy(path))))
+
+
+def read_xy(path):
+    with h5py.File(path, "r") as f:
+        return f["f1/peaks/x"][()], f["f1/peaks/y"][()]
