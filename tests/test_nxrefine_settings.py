@@ -302,3 +302,34 @@ def test_every_group_that_claims_axes_has_them(tmp_path, server_settings):
         np.testing.assert_array_equal(f["f1/monitor/frame_number"][()], np.arange(20))
     root = nxload(str(a.scan_file))
     assert [ax.nxname for ax in root["f1/monitor"].nxaxes] == ["frame_number"]
+
+
+def test_simulated_and_configured_scans_carry_pyfai_parameters(tmp_path, configuration):
+    """``instrument/calibration/refinement/parameters`` reproduce each entry's 2-theta."""
+    from pyFAI.integrator.azimuthal import AzimuthalIntegrator
+
+    from nxrefine_bs.nexus.geometry_io import PYFAI_PARAMETER_KEYS, read_geometry
+    from nxrefine_bs.pyfai_geometry import two_theta_image
+
+    sim = make_simulated_scan(tmp_path / "exp", n_frames=4, omegas=(0.0, 15.0))
+    for path, entries in ((sim.scan_file, ("f1", "f2")), (configuration, ("f1", "f2"))):
+        with h5py.File(path, "r") as f:
+            for name in entries:
+                proc = f[f"{name}/instrument/calibration/refinement"]
+                assert proc["program"][()].decode() == "pyFAI"
+                pars = {k: proc[f"parameters/{k}"][()] for k in PYFAI_PARAMETER_KEYS}
+                geometry = read_geometry(f[name])
+                ai = AzimuthalIntegrator(
+                    dist=pars["Distance"],
+                    poni1=pars["Poni1"],
+                    poni2=pars["Poni2"],
+                    rot1=pars["Rot1"],
+                    rot2=pars["Rot2"],
+                    rot3=pars["Rot3"],
+                    pixel1=pars["PixelSize1"],
+                    pixel2=pars["PixelSize2"],
+                    wavelength=pars["Wavelength"],
+                )
+                tth = ai.twoThetaArray(shape=tuple(geometry.shape))
+                np.testing.assert_allclose(np.degrees(tth), two_theta_image(geometry), atol=1e-4)
+                assert pars["Wavelength"] == pytest.approx(geometry.wavelength * 1e-10)

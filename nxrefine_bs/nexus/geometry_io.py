@@ -29,6 +29,8 @@ __all__ = [
     "read_orientation",
     "write_orientation",
     "read_ub",
+    "write_pyfai_parameters",
+    "PYFAI_PARAMETER_KEYS",
     "CELL_FIELDS",
 ]
 
@@ -125,6 +127,85 @@ def write_geometry(entry: h5py.Group, geometry: Geometry, *, phi_end: float | No
         write_field(gon, key, float(getattr(geometry, key)), units="degree")
     for key in ("xs", "ys", "zs"):
         write_field(gon, key, float(getattr(geometry, key)), units="mm")
+
+
+PYFAI_PARAMETER_KEYS: tuple[str, ...] = (
+    "Detector",
+    "PixelSize1",
+    "PixelSize2",
+    "Distance",
+    "Poni1",
+    "Poni2",
+    "Rot1",
+    "Rot2",
+    "Rot3",
+    "Wavelength",
+)
+"""Fields of ``instrument/calibration/refinement/parameters`` NXRefine reads (SI units)."""
+
+
+def write_pyfai_parameters(
+    entry: h5py.Group, geometry: Geometry, *, detector: str = "Detector", replace: bool = False
+) -> bool:
+    """Record ``geometry`` as NXRefine's ``instrument/calibration/refinement/parameters``.
+
+    NXRefine builds its radial sum (``nxmax``) from these pyFAI parameters; a
+    simulated scan or a configuration without a powder calibration gets them from its
+    known geometry (:func:`nxrefine_bs.pyfai_geometry.poni_parameters`, which gives the
+    same 2-theta for every pixel).  An existing refinement (a real powder calibration)
+    is kept unless ``replace``.
+
+    Parameters
+    ----------
+    entry : h5py.Group
+        A rotation entry or configuration position (``fN``).
+    geometry : Geometry
+        Its detector geometry.
+    detector : str
+        pyFAI detector name (``"Detector"``: a generic detector of this pixel size).
+    replace : bool
+        Overwrite an existing ``refinement`` group.
+
+    Returns
+    -------
+    bool
+        True if the parameters were written.
+    """
+    from ..pyfai_geometry import poni_parameters
+
+    inst = nx_group(entry, "instrument", "NXinstrument")
+    cal = inst.get("calibration")
+    if isinstance(cal, h5py.Group) and "refinement" in cal:
+        if not replace:
+            return False
+        del cal["refinement"]
+    cal = nx_group(inst, "calibration", "NXdata")
+    poni = poni_parameters(geometry)
+    proc = nx_group(cal, "refinement", "NXprocess")
+    write_field(proc, "program", "pyFAI")
+    try:
+        import pyFAI
+
+        write_field(proc, "version", str(pyFAI.version))
+    except ImportError:  # pragma: no cover - pyFAI is a dependency
+        pass
+    write_field(proc, "note", "from the known geometry (no powder calibration)")
+    pars = nx_group(proc, "parameters", "NXparameters")
+    values = {
+        "Detector": detector,
+        "PixelSize1": poni["pixel1"],
+        "PixelSize2": poni["pixel2"],
+        "Distance": poni["dist"],
+        "Poni1": poni["poni1"],
+        "Poni2": poni["poni2"],
+        "Rot1": poni["rot1"],
+        "Rot2": poni["rot2"],
+        "Rot3": poni["rot3"],
+        "Wavelength": poni["wavelength"],
+    }
+    for key in PYFAI_PARAMETER_KEYS:
+        write_field(pars, key, values[key])
+    return True
 
 
 def read_cell(group: h5py.Group) -> tuple[float, ...] | None:

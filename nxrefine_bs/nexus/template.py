@@ -39,6 +39,7 @@ from .. import __version__
 from ..errors import FileExistsNXError, TemplateError
 from ..geometry import HC_KEV_ANGSTROM, GeometryError, orientation_matrix
 from ..settings import get_spec
+from .geometry_io import read_geometry, write_pyfai_parameters
 
 __all__ = [
     "DEFAULT_DETECTOR",
@@ -411,6 +412,9 @@ def create_configuration(
                 _field(data, "x_pixel", np.arange(nx, dtype=np.float64), "pixel")
                 _field(data, "y_pixel", np.arange(ny, dtype=np.float64), "pixel")
                 data.create_dataset("frame_number", data=np.arange(nframes, dtype=np.int32))
+                # NXRefine's radial sum needs pyFAI parameters; until a powder
+                # calibration replaces them they follow the configured geometry
+                write_pyfai_parameters(fe, read_geometry(fe), detector=info.name)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

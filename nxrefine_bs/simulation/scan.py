@@ -17,7 +17,12 @@ import h5py
 import numpy as np
 
 from ..geometry import Geometry
-from ..nexus.geometry_io import write_cell, write_geometry, write_orientation
+from ..nexus.geometry_io import (
+    write_cell,
+    write_geometry,
+    write_orientation,
+    write_pyfai_parameters,
+)
 from ..nexus.h5tools import nx_group, write_external_link, write_field
 from .crystal import SimCrystal
 from .frames import DetectorModel, PeakTable, RotationSimulator
@@ -130,6 +135,7 @@ def make_simulated_scan(
             geometries[name], sims[name] = geom, sim
             fe = nx_group(f, name, "NXentry")
             write_geometry(fe, geom, phi_end=float(geom.phi(n_frames)))
+            write_pyfai_parameters(fe, geom)  # what NXRefine's radial sum reads
             det = fe["instrument/detector"]
             write_field(det, "description", detector.name)
             write_field(det, "pixel_mask", detector.mask.astype(np.int8))
