@@ -300,8 +300,10 @@ def run(
             summary=summary,
             note=result.report(),
         )
-        used = {"polar_max": result.polar_max, "hkl_tolerance": result.hkl_tolerance}
-        store_parameters(f, used)  # where NXRefine reads them
+        # the values asked for (None: every peak / the default tolerance), where NXRefine
+        # reads them; the effective ones are in the NXprocess
+        used = {"polar_max": polar_max, "hkl_tolerance": hkl_tolerance}
+        store_parameters(f, {k: v for k, v in used.items() if v is not None})
         res_grp = nx_group(proc, "results", "NXparameters")
         for name in result.values:
             write_field(
