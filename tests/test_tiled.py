@@ -51,8 +51,9 @@ def runs(client):
 
 def test_embedded_catalog_layout(experiment, client):
     assert (experiment / "tiled" / "catalog.db").is_file()
-    assert "processed" in list(client)
+    assert "processed" not in list(client)  # the runs node holds runs only
     assert type(client).__name__ == "CatalogOfBlueskyRuns"
+    assert [part for part in client.path_parts if part] == ["runs"]
 
 
 def test_runs_archived_found_and_replayed(client, runs):
@@ -64,6 +65,8 @@ def test_runs_archived_found_and_replayed(client, runs):
     assert set(find_runs(client, **{"stop.exit_status": "success"})) == set(runs.values())
     assert list(find_processed(client, sample="LaB6")) == []  # runs are not processed scans
 
+    for uid, run in client.items():  # every child is a run
+        assert run.start["uid"] == uid
     run = client[runs["Si"]]
     assert run.start["sample"] == "Si" and run.stop["exit_status"] == "success"
     np.testing.assert_allclose(run["primary"]["motor"].read(), np.linspace(-1, 1, 4))

@@ -5,18 +5,23 @@ and the node tree), ``data/`` (arrays written through Tiled) and ``tables.duckdb
 (event tables written by :class:`~bluesky_tiled_plugins.TiledWriter`).  It is served
 in-process through ``Context.from_app`` -- no network port is opened -- with the
 ``application/json-seq`` exporter registered so that ``client[uid].documents()``
-replays archived runs.  The root carries the ``CatalogOfBlueskyRuns`` spec, so the
-client understands ``Key("sample") == ...``, ``ScanID`` and ``PartialUID`` queries.
+replays archived runs.  The root holds two containers: ``runs`` (the
+``CatalogOfBlueskyRuns`` that :func:`open_catalog` returns, so iterating over it yields
+runs only, and it understands ``Key("sample") == ...``, ``ScanID`` and ``PartialUID``
+queries) and ``processed`` (the processed scan files, :mod:`.processed`).  Catalogs made
+by earlier versions, with the runs at the root, are opened as they are.
 Detector files written next to the scan files (and under ``[instrument] raw_home``)
 are readable through Tiled: they are registered, never copied.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,8 @@ __all__ = [
 
 CATALOG_DIRNAME = "tiled"
 RUNS_SPEC = {"name": "CatalogOfBlueskyRuns", "version": "3.0"}
+RUNS = "runs"
+"""Key of the container of Bluesky runs in an embedded catalog."""
 
 
 class TiledError(NXRefineBSError, RuntimeError):
@@ -160,21 +167,58 @@ def _open_embedded(experiment_dir: Path, readable_storage: Iterable[str | os.Pat
             },
             readable_storage=[str(p) for p in dict.fromkeys(readable)],
             init_if_not_exists=True,
-            specs=[RUNS_SPEC],
         )
         registry = copy.deepcopy(default_serialization_registry)
         registry.register("BlueskyRun", "application/json-seq", json_seq_exporter)
         app = build_app(catalog, serialization_registry=registry)
-        context = tiled.client.Context.from_app(app)
-        client = tiled.client.from_context(context)
+        with _quiet_startup():
+            context = tiled.client.Context.from_app(app)
+        root = tiled.client.from_context(context)
+        client = _runs_node(root)
     except Exception as exc:
         raise TiledError(f"cannot open the Tiled catalog in {paths['root']}: {exc}") from exc
     logger.info("opened embedded Tiled catalog %s", paths["catalog"])
-    # Create the processed-scan index before any run, so the newest run stays last.
-    from .processed import processed_container
-
-    processed_container(client)
     return client
+
+
+@contextlib.contextmanager
+def _quiet_startup() -> Iterator[None]:
+    """Start the in-process app without its "Tiled version" line and httpx warning.
+
+    The app logs its version at INFO through a handler of its own, and Tiled's
+    in-process client imports ``starlette.testclient``, which warns that it prefers
+    ``httpx2``; neither concerns a user of the embedded catalog.
+    """
+    app_logger = logging.getLogger("tiled.server.app")
+    level = app_logger.level
+    app_logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*starlette.testclient.*")
+            warnings.filterwarnings("ignore", message=".*httpx.*deprecated.*")
+            yield
+    finally:
+        app_logger.setLevel(level)
+
+
+def _runs_node(root: Any) -> Any:
+    """The ``runs`` container (created on a new catalog); the root of an old catalog."""
+    from tiled.client.container import Container
+    from tiled.structures.core import Spec
+
+    from .processed import PROCESSED
+
+    keys = list(Container.keys(root))
+    if RUNS in keys:
+        return Container.__getitem__(root, RUNS)
+    if any(key != PROCESSED for key in keys):
+        logger.info("catalog of an earlier version: runs at the root")
+        return root
+    return root.create_container(
+        RUNS,
+        metadata={"description": "Bluesky runs archived by nxrefine-bs"},
+        specs=[Spec(RUNS_SPEC["name"], version=RUNS_SPEC["version"])],
+    )
 
 
 def close_catalog(client: Any) -> None:

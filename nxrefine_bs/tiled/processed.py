@@ -63,21 +63,30 @@ def _child(node: Any, key: str) -> Any:
     return Container.__getitem__(node, key)
 
 
+def _root(client: Any) -> Any:
+    """The root node of ``client``'s catalog (the runs live in a sibling ``runs``)."""
+    from tiled.client import from_context
+
+    path = [part for part in getattr(client, "path_parts", None) or [] if part]
+    return from_context(client.context) if path else client
+
+
 def processed_container(client: Any, *, create: bool = True) -> Any:
     """The ``processed`` container of a catalog (created if missing and ``create``).
 
-    On the embedded catalog the root is a ``CatalogOfBlueskyRuns``, whose
-    ``client["processed"]`` means "run with uid starting with processed"; use this
-    function (or :func:`find_processed`) instead.
+    ``client`` is what :func:`~nxrefine_bs.tiled.catalog.open_catalog` returns (the
+    runs); processed scans live next to the runs, in ``<root>/processed``, so that
+    iterating over the runs only ever yields runs.
     """
+    root = _root(client)
     try:
-        return _child(client, PROCESSED)
+        return _child(root, PROCESSED)
     except KeyError:
         pass
     if not create:
         raise KeyError(f"the Tiled catalog has no {PROCESSED!r} container")
     logger.info("creating the %r container", PROCESSED)
-    return client.create_container(
+    return root.create_container(
         PROCESSED, metadata={"description": "processed nxrefine-bs scan files"}
     )
 
