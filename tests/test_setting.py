@@ -12,6 +12,7 @@ child scan in one setting, and that ``combine`` refuses entries in different set
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import h5py
 import numpy as np
@@ -139,6 +140,18 @@ def test_rotations_come_out_in_f1_setting_even_where_indexing_picks_the_twin(tmp
     assert again["setting"]["operation"] == "[[1, 1, 0], [0, -1, 0], [0, 0, -1]]"
     assert again["setting"]["reference"] == "f1" and not again["setting"]["in_laue_group"]
     np.testing.assert_allclose(orientation(sim.scan_file, "f2"), u1, atol=2e-3)
+
+
+def test_rotations_refined_concurrently_end_in_one_setting(tmp_path):
+    """Two rotations refined at the same time: the later writer joins the earlier setting."""
+    sim, q = hex_scan(tmp_path, "300K", random_rotation(np.random.default_rng(11)))
+    pre = setting_relation(auto_index(q["f1"], LAT).U, auto_index(q["f2"], LAT).U, LAT)
+    assert not pre.same_setting and not pre.in_laue_group  # indexed alone: twin-related
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda e: refine.run(sim.scan_file, e), ["f1", "f2"]))
+    assert all(o["status"] == "done" for o in outs)
+    u1, u2 = orientation(sim.scan_file, "f1"), orientation(sim.scan_file, "f2")
+    np.testing.assert_allclose(u2, u1, atol=2e-3)
 
 
 def test_child_scan_auto_indexed_in_the_parent_setting(tmp_path):

@@ -9,6 +9,7 @@ of those modules used by callers are re-exported here.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -36,8 +37,8 @@ from .refine_model import (
     default_hkl_tolerance,
     read_peaks,
 )
-from .refine_start import reference_orientations, starting_orientation
-from .setting import format_operation
+from .refine_start import reference_orientations, sibling_reference, starting_orientation
+from .setting import closest_setting, format_operation
 
 logger = logging.getLogger(__name__)
 
@@ -278,6 +279,27 @@ def run(
     }
     with update_scan_file(path) as f:
         fe = f[entry]
+        if ref is None or not ref.source.startswith("parent"):
+            # A rotation refined meanwhile (concurrent tasks): join its setting.
+            late = sibling_reference(f, entry)
+            if late is not None:
+                u_late, rel_late = closest_setting(result.U, late.U, result.lattice)
+                if not rel_late.same_setting:
+                    logger.info(
+                        "%s: put in the setting of %s, refined meanwhile (%s)",
+                        where,
+                        late.source,
+                        rel_late.describe(),
+                    )
+                    result = dataclasses.replace(result, U=u_late)
+                    summary["U"] = result.U.tolist()
+                    summary["orientation_change"] = rotation_angle(u0.T @ result.U)
+                    setting.update(
+                        reference=late.source,
+                        operation=format_operation(rel_late.operation),
+                        in_laue_group=rel_late.in_laue_group,
+                        angle_to_reference=rel_late.angle,
+                    )
         write_orientation(fe, result.U)
         write_geometry(fe, result.geometry, phi_end=phi_end)
         sample = fe.get("sample")

@@ -38,7 +38,13 @@ from .setting import SettingRelation, closest_setting
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Orientation", "References", "reference_orientations", "starting_orientation"]
+__all__ = [
+    "Orientation",
+    "References",
+    "reference_orientations",
+    "sibling_reference",
+    "starting_orientation",
+]
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,17 @@ def reference_orientations(scan_file: Path, entry: str) -> References:
     with open_scan_file(scan_file) as f:
         refs += _orientations(f, [n for n in _rotation_names(f) if n != entry], "")
     return References(tuple(refs + parent_refs), parent_lattice)
+
+
+def sibling_reference(f: h5py.File, entry: str) -> Orientation | None:
+    """The orientation of this scan's first other rotation (``f1`` first) in an open file.
+
+    Read again just before the refine step writes, inside the scan-file lock, so that of
+    two rotations refined at the same time the later writer joins the earlier one's
+    setting.
+    """
+    found = _orientations(f, [n for n in _rotation_names(f) if n != entry], "")
+    return found[0] if found else None
 
 
 def indexed_fraction(
