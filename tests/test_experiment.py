@@ -175,7 +175,9 @@ def test_scan_paths_from_scan_file(tmp_path):
 
 
 def test_invalid_server_file_stops_creation(tmp_path, server_settings):
-    server_settings.write_text("[nxreduce]\nmonitor_name = MCS1\n")
-    with pytest.raises(SettingsError, match="monitor_name"):
+    # (an unknown key is kept and warned about, as NXRefine files have them; a bad value
+    # of a known key stops)
+    server_settings.write_text("[nxreduce]\nnorm = lots\n")
+    with pytest.raises(SettingsError, match="norm"):
         Experiment.create(tmp_path / "home", "exp")
     assert not (tmp_path / "home").exists()
