@@ -383,3 +383,14 @@ def test_run_defaults_to_one_thread_per_core_compresses_and_sizes_chunks(tmp_pat
         assert v.compression == "gzip" and v.chunks == (41, 61, 61)
         assert v[()].sum() == pytest.approx(packed["counts"], rel=1e-6)
     assert transform.grid_chunks((1001, 1001, 1001)) == (63, 63, 63)
+
+
+def test_transform_states_grid_memory_and_output_before_it_runs(tmp_path, capfd):
+    sim = make_simulated_scan(tmp_path, n_frames=6, write_truth_orientation=True)
+    res = transform.run(sim.scan_file, "f1", first=0, last=6, progress=True, **COARSE)
+    err = capfd.readouterr().err
+    plan = next(line for line in err.splitlines() if "transforming frames 0..5" in line)
+    assert "h -8:8:0.1 (161)" in plan and "4,173,281 voxels" in plan
+    assert "memory" in plan and "available" in plan and "output 0.03 GB" in plan
+    assert err.index("transforming frames") < err.index("f1 transform")  # before the bar
+    assert res["voxels"] == 161**3

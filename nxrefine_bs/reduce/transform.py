@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -295,14 +296,13 @@ def run(
         compressed=compression is not None,
     )
     threads = transform_threads(nthreads)
-    logger.info(
-        "%s: transforming frames %d..%d with %d thread(s); %s",
-        _where(scan_file, entry),
-        lo,
-        hi - 1,
-        threads,
-        budget.describe(),
+    plan = (
+        f"{_where(scan_file, entry)}: transforming frames {lo}..{hi - 1} with {threads} "
+        f"thread(s); {budget.describe()}"
     )
+    logger.info("%s", plan)
+    if progress:  # the command line shows progress bars, not INFO logs: state it there
+        tqdm.write(plan, file=sys.stderr)
     t0 = time.perf_counter()
     acc = Accumulator(grid, geometry, ub, pixel_weight, nthreads=threads)
     try:
