@@ -394,3 +394,18 @@ def test_transform_states_grid_memory_and_output_before_it_runs(tmp_path, capfd)
     assert "memory" in plan and "available" in plan and "output 0.03 GB" in plan
     assert err.index("transforming frames") < err.index("f1 transform")  # before the bar
     assert res["voxels"] == 161**3
+
+
+def test_threads_through_the_step_registry_default_to_the_cores(tmp_path):
+    """CLI, plans and workflow call run_step: threads come from the setting (0 = per core)."""
+    from nxrefine_bs.reduce.framestream import available_cores
+    from nxrefine_bs.reduce.steps import run_step
+
+    sim = make_simulated_scan(tmp_path, n_frames=6, write_truth_orientation=True)
+    auto = run_step("transform", sim.scan_file, "f1", first=0, last=6, **COARSE)
+    assert auto["threads"] == min(8, available_cores())
+    one = run_step("transform", sim.scan_file, "f1", overwrite=True, first=0, last=6,
+                   nthreads=1, **COARSE)  # fmt: skip
+    assert one["threads"] == 1 and one["counts"] == auto["counts"]
+    with h5py.File(sim.scan_file, "r") as f:
+        assert read_process(f["f1"], "nxtransform")["parameters"]["nthreads"] == 1
