@@ -34,6 +34,7 @@ __all__ = [
     "get_spec",
     "default_settings",
     "format_value",
+    "NXREFINE_SERVER_TYPES",
 ]
 
 _TRUE = {"true", "yes", "y", "on", "1"}
@@ -312,3 +313,11 @@ def format_value(value: Any) -> str:
     if isinstance(value, float):
         return repr(value)
     return str(value)
+
+
+NXREFINE_SERVER_TYPES: dict[str, str] = {
+    "direct": "local",
+    "multicore": "local",
+    "multinode": "local",
+}
+"""NXRefine's ``[server] type`` values and the executor each means here (threads)."""

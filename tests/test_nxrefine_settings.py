@@ -333,3 +333,14 @@ def test_simulated_and_configured_scans_carry_pyfai_parameters(tmp_path, configu
                 tth = ai.twoThetaArray(shape=tuple(geometry.shape))
                 np.testing.assert_allclose(np.degrees(tth), two_theta_image(geometry), atol=1e-4)
                 assert pars["Wavelength"] == pytest.approx(geometry.wavelength * 1e-10)
+
+
+def test_nxrefine_server_types_run_locally(_isolated_settings):
+    from nxrefine_bs.workflow.executor import LocalExecutor, make_executor
+
+    _isolated_settings.write_text(NXREFINE_MAIN_SERVER)  # type = multicore, cores = 4
+    executor = make_executor()
+    try:
+        assert isinstance(executor, LocalExecutor)
+    finally:
+        executor.shutdown()

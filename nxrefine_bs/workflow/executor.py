@@ -31,6 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..errors import WorkflowError
 from ..reduce.steps import STEPS, Step
+from ..settings_schema import NXREFINE_SERVER_TYPES
 from .database import WorkflowDB
 from .graph import TaskSpec, build_graph, new_token
 from .schema import Status
@@ -505,6 +506,7 @@ def make_executor(
         settings = server_settings()
     server = dict(settings.get("server", {}))
     kind = (kind or server.get("type") or "local").lower()
+    kind = NXREFINE_SERVER_TYPES.get(kind, kind)  # an NXRefine server file's type
     workers = int(workers or server.get("cores") or 2)
     if kind == "local":
         return LocalExecutor(max_workers=workers)
