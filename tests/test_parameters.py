@@ -111,6 +111,8 @@ def test_cli_step_options_come_from_the_model(scan, capsys):
         for p in params:
             if p.cli:
                 assert p.option in text, (name, p.option)
+        if name == "refine":  # NXRefine's spellings work too
+            assert "--polar_max" in text and "--hkl_tolerance" in text
     code = main(["find", str(scan.scan_file), "-t", "40", "-f", "2", "-l", "28", "--no-progress"])
     assert code == 0
     stored = read_parameters(scan.scan_file)

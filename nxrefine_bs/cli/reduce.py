@@ -89,6 +89,8 @@ def add_parameter_options(p: argparse.ArgumentParser, step: str) -> None:
         if not param.cli:
             continue
         names = [*param.flags, param.option]
+        if "_" in param.name:  # NXRefine's spelling, e.g. --polar_max
+            names.append("--" + param.name)
         help_text = param.doc + (f" [settings: {param.setting}]" if param.setting else "")
         if param.kind == "bool":
             p.add_argument(
