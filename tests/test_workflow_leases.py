@@ -201,3 +201,19 @@ def test_local_executor_runs_heavy_tasks_one_at_a_time(tmp_path, monkeypatch):
     grids = sorted(db.list_tasks(step="grid"), key=lambda r: r.start_time)
     assert grids[1].start_time >= grids[0].end_time  # never two at once
     assert all(r.ok for r in results) and len(db.list_tasks(status="done", step="grid")) == 2
+
+
+def test_a_step_sent_to_a_worker_still_resolves_settings(tmp_path):
+    """A pickled Step (as on a Dask worker) is still recognised as the registry's step."""
+    import pickle
+
+    from nxrefine_bs.reduce.steps import STEPS
+    from nxrefine_bs.workflow.params import parse_param
+    from nxrefine_bs.workflow.task import _kwargs
+
+    sim = make_simulated_scan(tmp_path, n_frames=3, omegas=(0.0,))
+    copy = pickle.loads(pickle.dumps(STEPS["find"]))
+    assert copy is not STEPS["find"]
+    kwargs = _kwargs(copy, sim.scan_file, {"threshold": 7}, copy.load())
+    assert kwargs["threshold"] == 7.0 and kwargs["first"] == 10  # [nxreduce] first_frame
+    assert parse_param(copy, "threshold", "5") == 5.0

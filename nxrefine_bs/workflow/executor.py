@@ -422,7 +422,7 @@ class DaskExecutor:
         from distributed import Future, fire_and_forget
 
         heavy = self._heavy_resource()
-        if registry is not None and all(STEPS.get(k) is v for k, v in registry.items()):
+        if registry is not None and all(STEPS.get(k) == v for k, v in registry.items()):
             registry = None
         futures: dict[str, Any] = {}
         for spec in tasks:

@@ -30,7 +30,7 @@ _FALSE = {"0", "false", "no", "off"}
 
 def _model(step: Step) -> Any:
     """The parameter-model module if it describes ``step`` (a registry step), else None."""
-    if STEPS.get(step.name) is not step:
+    if STEPS.get(step.name) != step:
         return None
     try:
         from ..reduce import parameters

@@ -364,7 +364,7 @@ def _kwargs(
         p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()
     ):
         explicit = {k: v for k, v in explicit.items() if k in sig.parameters}
-    if STEPS.get(step.name) is step:
+    if STEPS.get(step.name) == step:
         from ..reduce.steps import step_parameters
 
         return step_parameters(step.name, scan_file, explicit)
