@@ -165,7 +165,8 @@ def read_settings(
                     continue
                 logger.debug("%s: [%s] %s read as NXRefine's %s", path, section, key, name)
             spec = _BY_KEY[(section, name)]
-            if (text is None or not text.strip()) and not spec.optional and spec.type is not str:
+            text = "" if text is None else text  # a bare key (NXRefine) is an empty value
+            if not text.strip() and not spec.optional and spec.type is not str:
                 _warn_once(path, section, key, "is empty; the default applies")
                 continue
             try:

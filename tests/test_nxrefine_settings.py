@@ -193,6 +193,12 @@ def test_nxrefine_011_names_map_to_ours(tmp_path, server_settings, caplog):
     for key in ("qmin", "qmax", "geometry", "concurrent"):
         assert key in warned
     assert "first " not in warned  # a known NXRefine name, not an unknown key
+    # bare keys are empty values: text settings empty, numbers keep their defaults
+    path.write_text(
+        NXREFINE_011.replace("monitor = monitor2", "monitor").replace("norm = 30000", "norm")
+    )
+    values = st.read_settings(path)["nxreduce"]
+    assert values["monitor"] == "" and values["norm"] == st.get_spec("nxreduce", "norm").default
     # a canonical key in the same file wins over the 0.1.1 name
     path.write_text(NXREFINE_011.replace("first = 3", "first = 3\nfirst_frame = 5"))
     assert st.read_settings(path)["nxreduce"]["first_frame"] == 5
