@@ -198,3 +198,37 @@ def test_concurrent_processes(tmp_path):
     _check_hammered(db, N_WORKERS)
     with db.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_persistence_layer_imports_no_nexus_or_reduction_code():
+    """schema/engine/leases/queries/database stay below the NeXus and reduction layers."""
+    import ast
+    from pathlib import Path
+
+    import nxrefine_bs.workflow as wf
+
+    root = Path(wf.__file__).parent
+    for name in ("schema", "engine", "leases", "queries", "database"):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                module = "." * node.level + (node.module or "")
+                assert not any(
+                    part in ("nexus", "reduce", "h5py", "sync", "task", "graph")
+                    for part in module.replace(".", " ").split()
+                ), f"{name}.py imports {module}"
+            elif isinstance(node, ast.Import):
+                assert all(a.name.split(".")[0] != "h5py" for a in node.names), name
+
+
+def test_two_experiments_in_one_sqlite_file(tmp_path):
+    url = f"sqlite:///{tmp_path}/facility.db"
+    a = WorkflowDB(url, experiment_dir=tmp_path / "a")
+    b = WorkflowDB(url, experiment_dir=tmp_path / "b")
+    a.queue("s/l/s_1.nxs", "f1", "max", params={"first": 1})
+    b.fail("s/l/s_1.nxs", "f1", "max", "only b")
+    assert a.task_status("s/l/s_1.nxs", "f1", "max") is S.QUEUED
+    assert b.task_status("s/l/s_1.nxs", "f1", "max") is S.FAILED
+    assert a.list_tasks(status="failed") == [] and len(b.list_tasks()) == 1
+    assert a.task("s/l/s_1.nxs", "f1", "max").params == {"first": 1}
+    assert sorted(a.experiments()) == [(tmp_path / "a").as_posix(), (tmp_path / "b").as_posix()]
