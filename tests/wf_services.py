@@ -214,6 +214,7 @@ class DaskCluster:
                     sys.executable, "-m", "distributed.cli.dask_worker", self.address,
                     "--nthreads", "1", "--no-nanny", "--no-dashboard", "--name", name,
                     "--resources", "reduce_memory=1", "--death-timeout", "60",
+                    "--local-directory", str(self.root / "scratch"),
                 ],
                 env=_env(self.env), stdout=subprocess.DEVNULL, stderr=log,
             )  # fmt: skip
