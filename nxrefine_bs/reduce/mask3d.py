@@ -114,52 +114,58 @@ def _box_threshold(f0, f1, bad, h1, limit, m1):  # pragma: no cover - compiled
     """``m1 = |box_sum(D, h1 x h1)| >= limit`` with edge padding; returns the set count.
 
     ``D = f1 - f0`` (0 where ``bad``, either count is negative/NaN, or ``D`` is not
-    finite), computed on the fly.  ``colsum[x]`` holds the sum of ``D`` over the rows of
-    the current window (rows clipped to the detector = edge padding) and is rolled down
-    one row at a time; each row's horizontal window sum is rolled along ``x``.
+    finite) is computed one detector row at a time into a small ring of rows (each row
+    once).  ``colsum[x]`` holds the sum of ``D`` over the rows of the current window
+    (rows clipped to the detector = edge padding) and is rolled down one row at a time;
+    each row's horizontal window sum is rolled along ``x`` and thresholded at once.
     """
     ny, nx = f0.shape
     lo = h1 // 2
     hi = h1 - lo - 1
+    nring = h1 + 2
+    ring = np.empty((nring, nx), dtype=np.float64)
+    held = np.full(nring, -1, dtype=np.int64)  # detector row held by each ring slot
     colsum = np.zeros(nx, dtype=np.float64)
     for k in range(-lo, hi + 1):
-        r = min(max(k, 0), ny - 1)
+        row = _d_row(f0, f1, bad, min(max(k, 0), ny - 1), ring, held)
         for x in range(nx):
-            colsum[x] += _diff(f0, f1, bad, r, x)
+            colsum[x] += row[x]
     nset = 0
     for y in range(ny):
         if y > 0:
             ra = min(y + hi, ny - 1)
             rs = max(y - lo - 1, 0)
             if ra != rs:
+                add = _d_row(f0, f1, bad, ra, ring, held)
+                sub = _d_row(f0, f1, bad, rs, ring, held)
                 for x in range(nx):
-                    colsum[x] += _diff(f0, f1, bad, ra, x) - _diff(f0, f1, bad, rs, x)
+                    colsum[x] += add[x] - sub[x]
         s = 0.0
         for k in range(-lo, hi + 1):
             s += colsum[min(max(k, 0), nx - 1)]
         for x in range(nx):
             if x > 0:
                 s += colsum[min(x + hi, nx - 1)] - colsum[max(x - lo - 1, 0)]
-            if abs(s) >= limit:
-                m1[y, x] = 1
-                nset += 1
-            else:
-                m1[y, x] = 0
+            hit = abs(s) >= limit
+            m1[y, x] = hit
+            nset += hit
     return nset
 
 
 @numba.njit(inline="always", boundscheck=False)
-def _diff(f0, f1, bad, y, x):  # pragma: no cover - compiled
-    if bad[y, x]:
-        return 0.0
-    a = np.float64(f0[y, x])
-    b = np.float64(f1[y, x])
-    if not (a >= 0.0) or not (b >= 0.0):
-        return 0.0
-    d = b - a
-    if not (abs(d) < np.inf):
-        return 0.0
-    return d
+def _d_row(f0, f1, bad, r, ring, held):  # pragma: no cover - compiled
+    """Row ``r`` of ``D`` from the ring, computed on first use."""
+    slot = r % ring.shape[0]
+    out = ring[slot]
+    if held[slot] != r:
+        for x in range(f0.shape[1]):
+            a = np.float64(f0[r, x])
+            b = np.float64(f1[r, x])
+            d = b - a
+            ok = (not bad[r, x]) and a >= 0.0 and b >= 0.0 and abs(d) < np.inf
+            out[x] = d if ok else 0.0
+        held[slot] = r
+    return out
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
