@@ -1,13 +1,17 @@
 """``nxrefine-bs demo`` end to end: acquisition, post-scan reduction, Tiled, plots.
 
-One short but complete demo runs once for the module (a Pilatus 300K, one temperature,
-two rotations of 90 frames of 1 degree): scan file, workflow database, refined lattice,
-merged transform and its PNG, the processed scan in Tiled.  The smaller Pilatus 100k
+One short but complete demo runs once for the module (a Pilatus 300K, two temperatures
+either side of the simulated CDW transition at 200 K, one rotation of 90 frames of 1
+degree each): scan files, workflow database, refined lattice, merged transforms and their
+PNGs, the processed scans in Tiled, the summary table and the physics of the series
+(superlattice reflections only below Tc, thermal contraction).  The smaller Pilatus 100k
 sees too few Bragg peaks of silicon in 90 degrees (8-9 per rotation at 200 mm) to
 index, so the demo's default detector is used.
 """
 
 from __future__ import annotations
+
+import json
 
 import h5py
 import pytest
@@ -25,8 +29,8 @@ pytest.importorskip("tiled.server")
 DETECTOR = "Pilatus 300K"
 OPTIONS = {
     "detector": DETECTOR,
-    "temperatures": (300.0,),
-    "omegas": (0.0, 15.0),
+    "temperatures": (300.0, 100.0),
+    "omegas": (0.0,),
     "phi_start": 0.0,
     "phi_end": 90.0,
     "phi_step": 1.0,
@@ -49,55 +53,81 @@ def demo(tmp_path_factory):
     return home, result
 
 
-def test_scan_file_and_runs(demo):
+def test_scan_files_and_runs(demo):
     home, result = demo
     assert result.experiment_dir == home / "demo" / "nxrefine"
     assert (result.experiment_dir / MARKER).is_file()
-    (scan_file,) = result.scan_files
-    assert scan_file == result.experiment_dir / "demo" / "xtal1" / "demo_300K.nxs"
+    label_dir = result.experiment_dir / "demo" / "xtal1"
+    assert result.scan_files == [label_dir / "demo_300K.nxs", label_dir / "demo_100K.nxs"]
     assert len(result.run_uids) == 2
-    with h5py.File(scan_file, "r") as f:
-        assert {"f1", "f2"} <= set(f)
-        for k, entry in enumerate(("f1", "f2")):
-            assert f[f"{entry}/data/data"].shape == (90, 619, 487)
-            assert f[f"{entry}/acquisition/exit_status"][()].decode() == "success"
-            assert f[f"{entry}/acquisition/run_uid"][()].decode() == result.run_uids[k]
-    assert result.seconds < 60
+    for k, scan_file in enumerate(result.scan_files):
+        with h5py.File(scan_file, "r") as f:
+            assert f["f1/data/data"].shape == (90, 619, 487)
+            assert f["f1/acquisition/exit_status"][()].decode() == "success"
+            assert f["f1/acquisition/run_uid"][()].decode() == result.run_uids[k]
 
 
 def test_reduction_done_and_lattice_refined(demo):
     _, result = demo
-    (scan_file,) = result.scan_files
     assert all(r.ok for r in result.reduction), [r.summary() for r in result.reduction]
     db = WorkflowDB(result.experiment_dir)
-    for entry in ("f1", "f2"):
+    for scan_file in result.scan_files:
         for step in STEPS:
-            assert db.task_status(scan_file, entry, step) is Status.DONE, (step, entry)
-    assert db.task_status(scan_file, "entry", "combine") is Status.DONE
-    with h5py.File(scan_file, "r") as f:
-        lattice = read_lattice(f["entry/sample"])
-        assert lattice.space_group == "F m -3 m"
-        assert lattice.a == pytest.approx(5.43, rel=1e-3)
-        for entry in ("f1", "f2"):
-            refined = read_process(f[entry], "nxrefine")["summary"]
-            assert refined["cell"][0] == pytest.approx(5.43, rel=1e-3)
-            assert refined["indexed_fraction"] > 0.9
-        assert process_done(f["entry"], "nxcombine")
-    (png,) = result.plots
-    assert png.name == "transform_hk0.png" and png.parent == scan_file.parent / "300K"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+            assert db.task_status(scan_file, "f1", step) is Status.DONE, (scan_file, step)
+        assert db.task_status(scan_file, "entry", "combine") is Status.DONE
+        with h5py.File(scan_file, "r") as f:
+            lattice = read_lattice(f["entry/sample"])
+            assert lattice.space_group == "F m -3 m"
+            assert lattice.a == pytest.approx(5.43, rel=3e-3)  # refined; contracts on cooling
+            refined = read_process(f["f1"], "nxrefine")["summary"]
+            assert refined["cell"][0] == pytest.approx(5.43, rel=3e-3)
+            assert process_done(f["entry"], "nxcombine")
+    assert [p.name for p in result.plots] == ["transform_hk0.png"] * 2
+    for png, scan in zip(result.plots, ("300K", "100K"), strict=True):
+        assert png.parent == result.scan_files[0].parent / scan
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+
+
+def test_series_shows_the_cdw_physics(demo):
+    """The demo's reduced data: superlattice reflections appear below Tc = 200 K only."""
+    _, result = demo
+    hot, cold = result.summary
+    assert (hot.temperature, cold.temperature) == (300.0, 100.0)
+    assert hot.order_parameter == 0.0 < cold.order_parameter
+    assert hot.superlattice is not None and cold.superlattice is not None
+    assert cold.superlattice > 0.0005  # measured in the merged transform
+    assert abs(hot.superlattice) < 0.2 * cold.superlattice  # absent above Tc
+    # every peak indexes above Tc; below it the superlattice peaks cannot (half-integers)
+    assert hot.indexed_fraction > 0.95 and cold.indexed_fraction < hot.indexed_fraction
+    assert cold.peaks > hot.peaks
+    # thermal contraction (1e-5 / K over 200 K) in the refined cells
+    assert cold.a < hot.a - 5 * max(hot.a_error, cold.a_error)
+    assert hot.a == pytest.approx(5.43, rel=1e-3)
+
+
+def test_summary_table_and_json(demo, capsys):
+    from nxrefine_bs.cli.acquire import _print_demo_summary
+
+    _, result = demo
+    _print_demo_summary(result)
+    out = capsys.readouterr().out
+    assert "superlattice / Bragg" in out and "Repr" not in out and "StepOutcome" not in out
+    rows = [line for line in out.splitlines() if line.lstrip().startswith(("300", "100"))]
+    assert len(rows) == 2 and "transform_hk0.png" in rows[1] and "±" in rows[0]
+    data = json.loads(json.dumps(result.as_dict()))
+    assert [t["temperature"] for t in data["temperatures"]] == [300.0, 100.0]
+    assert data["steps_failed"] == [] and len(data["plots"]) == 2
 
 
 def test_processed_scan_in_tiled(demo):
     _, result = demo
-    assert result.processed == ["demo_xtal1_300K"]
+    assert sorted(result.processed) == ["demo_xtal1_100K", "demo_xtal1_300K"]
     client = open_catalog(result.experiment_dir)
     try:
-        hits = find_processed(client, sample="demo")
-        assert list(hits) == ["demo_xtal1_300K"]
-        meta = hits["demo_xtal1_300K"].metadata
-        assert meta["temperature"] == 300.0 and meta["space_group"] == "F m -3 m"
-        assert set(result.run_uids) <= set(client)  # the raw runs are archived too
+        hits = find_processed(client, sample="demo", temperature__lt=200)
+        assert list(hits) == ["demo_xtal1_100K"]
+        meta = hits["demo_xtal1_100K"].metadata
+        assert meta["temperature"] == 100.0 and meta["space_group"] == "F m -3 m"
     finally:
         close_catalog(client)
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import h5py
+import numba
 import numpy as np
 from numpy.typing import NDArray
 from scipy.special import ndtr
@@ -120,6 +121,53 @@ class PeakTable:
                 for f in ("hkl", "x", "y", "z", "intensity", "peak_max", "two_theta")
             )
         )
+
+
+@numba.njit(cache=True, nogil=True)
+def _smooth_image(
+    background: NDArray[np.float32],
+    q: NDArray[np.float32],
+    m: NDArray[np.float64],
+    b: NDArray[np.float64],
+    allowed: NDArray[np.bool_],
+    scale: float,
+    diffuse: float,
+    tds: float,
+    kappa2: float,
+    dw: float,
+    out: NDArray[np.float64],
+) -> None:  # pragma: no cover - compiled
+    """Background, short-range-order diffuse and thermal diffuse counts of every pixel.
+
+    ``q`` holds the pixels' scattering vectors (lab frame, 1/Angstrom) or nothing (no
+    diffuse terms); ``m`` turns them into fractional ``hkl``.  Short-range order:
+    ``diffuse (3 - sum cos 2 pi h_i) / 6 exp(-2 |q|^2)``.  TDS around the nearest
+    reciprocal-lattice point ``G`` if ``allowed``: ``tds |q|^2 exp(-dw s^2) kappa^2 /
+    (|B (h - G)|^2 + kappa^2)`` with ``s^2 = |q|^2 / 4``.  Everything times ``scale``.
+    """
+    two_pi = 2.0 * np.pi
+    for i in range(background.size):
+        value = background[i] * scale
+        if q.shape[0] > 0:
+            qx, qy, qz = q[i, 0], q[i, 1], q[i, 2]
+            q2 = qx * qx + qy * qy + qz * qz
+            h = m[0, 0] * qx + m[0, 1] * qy + m[0, 2] * qz
+            k = m[1, 0] * qx + m[1, 1] * qy + m[1, 2] * qz
+            l = m[2, 0] * qx + m[2, 1] * qy + m[2, 2] * qz  # noqa: E741
+            if diffuse > 0:
+                sro = (3.0 - np.cos(two_pi * h) - np.cos(two_pi * k) - np.cos(two_pi * l)) / 6.0
+                value += diffuse * scale * sro * np.exp(-2.0 * q2)
+            if tds > 0:
+                hn, kn, ln = np.floor(h + 0.5), np.floor(k + 0.5), np.floor(l + 0.5)
+                if allowed[int(hn) % 6, int(kn) % 6, int(ln) % 6]:
+                    dh, dk, dl = h - hn, k - kn, l - ln
+                    dx = b[0, 0] * dh + b[0, 1] * dk + b[0, 2] * dl
+                    dy = b[1, 0] * dh + b[1, 1] * dk + b[1, 2] * dl
+                    dz = b[2, 0] * dh + b[2, 1] * dk + b[2, 2] * dl
+                    dq2 = dx * dx + dy * dy + dz * dz
+                    envelope = q2 * np.exp(-dw * q2 / 4.0)
+                    value += tds * scale * envelope * kappa2 / (dq2 + kappa2)
+        out[i] = value
 
 
 class RotationSimulator:
@@ -331,22 +379,12 @@ class RotationSimulator:
             return 0.0
         return self.thermal.order_parameter(self.temperature)
 
-    def _tds(self, hkl: NDArray[np.float32], q2: NDArray[np.float32]) -> NDArray[np.float32]:
-        """Thermal diffuse scattering (counts per pixel) at fractional ``hkl``."""
-        assert self.thermal is not None and self.temperature is not None
-        if self._allowed_table is None:  # centring absences repeat with period 6
+    def _allowed(self) -> NDArray[np.bool_]:
+        """Allowed reflections by ``(h, k, l) mod 6`` (centring absences have period 6)."""
+        if self._allowed_table is None:
             grid = np.stack(np.meshgrid(*[np.arange(6)] * 3, indexing="ij"), -1).reshape(-1, 3)
             self._allowed_table = self.crystal.allowed(grid).reshape(6, 6, 6)
-        nearest = np.rint(hkl)
-        idx = nearest.astype(np.int64) % 6
-        allowed = self._allowed_table[idx[:, 0], idx[:, 1], idx[:, 2]]
-        dq = (hkl - nearest) @ self.crystal.B.T.astype(np.float32)
-        dq2 = np.einsum("ij,ij->i", dq, dq)
-        kappa2 = np.float32(self.thermal.tds_width**2)
-        ratio = self.thermal.displacement_ratio(self.temperature)
-        s2 = q2 / np.float32(4.0)
-        envelope = q2 * np.exp(-(2.0 * self.crystal.b_iso + 20.0) * s2)
-        return (self.thermal.tds * ratio) * envelope * allowed * kappa2 / (dq2 + kappa2)
+        return self._allowed_table
 
     # ------------------------------------------------------------------ frames
     def _ensure_pixel_cache(self) -> None:
@@ -376,18 +414,28 @@ class RotationSimulator:
             raise IndexError(f"frame {index} outside 0..{self.n_frames - 1}")
         self._ensure_pixel_cache()
         assert self._background_image is not None
-        scale = self._monitor[index] / self.monitor_mean
-        img = self._background_image.astype(np.float64) * scale
-        if self._q_pixels is not None:
-            g = self.geometry
-            m = np.linalg.inv(self.crystal.UB) @ g.goniometer(g.phi(index)).T
-            hkl = self._q_pixels @ m.T.astype(np.float32)
-            q2 = np.einsum("ij,ij->i", self._q_pixels, self._q_pixels)
-            if self.diffuse > 0:
-                sro = (3.0 - np.cos(2 * np.pi * hkl).sum(axis=1)) / 6.0
-                img += (self.diffuse * scale * sro * np.exp(-2.0 * q2)).reshape(img.shape)
-            if self._tds_on:
-                img += (scale * self._tds(hkl, q2)).reshape(img.shape)
+        scale = float(self._monitor[index] / self.monitor_mean)
+        img = np.empty(self.detector.shape, dtype=np.float64)
+        g = self.geometry
+        m = np.linalg.inv(self.crystal.UB) @ g.goniometer(g.phi(index)).T
+        tds = 0.0
+        if self._tds_on:
+            assert self.thermal is not None and self.temperature is not None
+            tds = self.thermal.tds * self.thermal.displacement_ratio(self.temperature)
+        q = self._q_pixels if self._q_pixels is not None else np.zeros((0, 3), np.float32)
+        _smooth_image(
+            self._background_image.ravel(),
+            q,
+            np.ascontiguousarray(m),
+            np.ascontiguousarray(self.crystal.B),
+            self._allowed(),
+            scale,
+            self.diffuse,
+            tds,
+            self.thermal.tds_width**2 if self.thermal is not None else 1.0,
+            2.0 * self.crystal.b_iso + 20.0,
+            img.ravel(),
+        )
         self._add_peaks(img, index)
         return img
 
