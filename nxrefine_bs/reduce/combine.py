@@ -29,8 +29,8 @@ from ..nexus.scanfile import open_scan_file, update_scan_file
 from .lattice import LatticeError, read_lattice
 from .setting import setting_relation
 from .transform import (
-    CHUNK,
     _external_target,
+    grid_chunks,
     link_transform,
     read_transform,
     scan_directory,
@@ -205,7 +205,7 @@ def run(
         filled = 0
         with h5py.File(tmp, "r+") as of:
             data = of["entry/data"]
-            chunks = tuple(min(CHUNK, s) for s in shape)
+            chunks = grid_chunks(shape)
             dv = data.create_dataset("v", shape=shape, dtype=np.float32, chunks=chunks)
             dn = data.create_dataset("n", shape=shape, dtype=np.float32, chunks=chunks)
             dd = data.create_dataset("data", shape=shape, dtype=np.float32, chunks=chunks)
