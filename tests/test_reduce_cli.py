@@ -7,6 +7,7 @@ the settings layers (experiment ``tasks/settings.ini``) apply as on a beamline.
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import h5py
@@ -142,7 +143,9 @@ def test_step_commands_end_to_end(capsys, scan):
 
     code, out, err = cli(capsys, "max", path, "--no-progress")
     assert code == 0, err
-    assert f"{path.name}:f1 max:" in out and f"{path.name}:f2 max:" in out
+    rows = [line.split() for line in out.splitlines() if path.name in line]
+    assert [row[:5] for row in rows] == [[path.name, "│", e, "│", "max"] for e in ("f1", "f2")]
+    assert all("maximum=" in " ".join(row) for row in rows)  # a short table, not a dump
 
     code, out, err = cli(capsys, "find", path, "-t", THRESHOLD, "--no-progress")
     assert code == 0, err
@@ -185,18 +188,23 @@ def test_step_commands_end_to_end(capsys, scan):
 
     # done steps are skipped; --overwrite redoes them
     code, out, _ = cli(capsys, "max", path, "-e", "f2", "--no-progress")
-    assert code == 0 and '"skipped": true' in out
-    code, out, _ = cli(capsys, "max", path, "-e", "f2", "--overwrite", "--no-progress")
-    assert code == 0 and '"skipped": false' in out
+    assert code == 0 and "already done (--overwrite to redo)" in out
+    code, out, _ = cli(capsys, "max", path, "-e", "f2", "--no-progress", "--json")
+    assert code == 0 and [r["skipped"] for r in json.loads(out)] == [True]
+    code, out, _ = cli(capsys, "max", path, "-e", "f2", "--overwrite", "--no-progress", "--json")
+    (result,) = json.loads(out)  # complete, never cut
+    assert code == 0 and result["skipped"] is False and result["entry"] == "f2"
+    assert result["scan_file"] == str(path) and "transmission_median" in result
 
 
 def test_reduce_command_with_set(capsys, scan):
     code, out, err = cli(
         capsys, "reduce", scan.scan_file, "--steps", "max,find", "--set", "threshold=80",
-        "--set", "min_pixels=4", "--no-progress",
+        "--set", "min_pixels=4", "--no-progress", "--json",
     )  # fmt: skip
     assert code == 0, err
-    assert out.count(" max: ") == 2 and out.count(" find: ") == 2
+    steps = [(r["step"], r["entry"]) for r in json.loads(out)]
+    assert steps == [("max", "f1"), ("max", "f2"), ("find", "f1"), ("find", "f2")]
     with h5py.File(scan.scan_file, "r") as f:
         for entry in ("f1", "f2"):
             params = read_process(f[entry], "nxfind")["parameters"]

@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 from .. import __version__
 from ..errors import NXRefineBSError
@@ -43,9 +45,27 @@ EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 
 
+_NUMBER = r"(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+NEGATIVE_VALUE = re.compile(rf"^-{_NUMBER}(?:[,:]-?{_NUMBER})*$")
+"""Arguments such as ``-90``, ``-90,0`` or ``-5,85,1``: values, never options."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argument parser for which a negative number or number list is a value.
+
+    Plain argparse takes ``--position -90,0`` for two options (it only knows ``-90``
+    and ``-0.5`` as negative numbers) and fails with "expected one argument".  Sub-command
+    parsers are made with the same class.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_VALUE
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every sub-command of :data:`COMMAND_MODULES`."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROG,
         description="Single-crystal diffuse scattering reduction (NXRefine workflow) "
         "inside the Bluesky ecosystem.",

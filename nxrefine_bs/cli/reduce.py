@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from ..errors import NXRefineBSError, ScanFileError
 from ..reduce.parameters import Parameter, parameters_of, split_parameters
 from ..reduce.steps import STEP_ORDER, get_step, run_step, step_entries
+from .output import add_json_option, format_value, print_json, print_results
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +37,45 @@ def _common(p: argparse.ArgumentParser, *, per_entry: bool = True) -> None:
         p.add_argument("-e", "--entries", nargs="+", help="rotation entries (default: all)")
     p.add_argument("-o", "--overwrite", action="store_true", help="redo if already done")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_json_option(p)
+
+
+STEP_COLUMNS: dict[str, tuple[str, ...]] = {
+    "max": ("maximum", "transmission_median", "first", "last"),
+    "find": ("npeaks", "threshold", "first", "last"),
+    "refine": ("n_peaks", "indexed_fraction", "cell", "rms_residual"),
+    "prepare": ("masked_fraction", "frames"),
+    "transform": ("grid", "frames", "file"),
+    "combine": ("entries", "voxels_filled", "file"),
+}
+"""The summary values a table shows per step (``--json`` prints all of them)."""
+
+
+def _result_text(name: str, summary: dict[str, Any]) -> str:
+    """The telling values of one step's summary, for a table cell."""
+    if summary.get("skipped") or summary.get("status") == "skipped":
+        return "already done (--overwrite to redo)"
+    keys = (
+        STEP_COLUMNS.get(name)
+        or tuple(k for k, v in summary.items() if isinstance(v, int | float | str))[:4]
+    )
+    parts = []
+    for key in keys:
+        if key in summary:
+            value = summary[key]
+            if key == "file":
+                value = Path(str(value)).name
+            elif key == "grid" and isinstance(value, list):
+                value = " ".join(f"{a:g}:{b:g}:{c:g}" for a, b, c in value)
+            parts.append(f"{key}={format_value(value)}")
+    return ", ".join(parts)
 
 
 def _run(args: argparse.Namespace, steps: list[str], params: dict[str, Any]) -> int:
     _check_scan_files(args.scan_files)
     params = {k: v for k, v in params.items() if v is not None}
     per_step = split_parameters(steps, params)
+    results: list[dict[str, Any]] = []
     for scan_file in args.scan_files:
         for name in steps:
             for entry in step_entries(name, scan_file, getattr(args, "entries", None)):
@@ -54,8 +87,23 @@ def _run(args: argparse.Namespace, steps: list[str], params: dict[str, Any]) -> 
                     progress=not args.no_progress,
                     **per_step[name],
                 )
-                text = json.dumps(summary, default=str, sort_keys=True)
-                print(f"{scan_file.name}:{entry} {name}: {text[:300]}")
+                results.append(
+                    {"scan_file": str(scan_file), "entry": entry, "step": name, **summary}
+                )
+    if getattr(args, "json", False):
+        print_json(results)
+        return 0
+    rows = [
+        {
+            "scan": Path(r["scan_file"]).name,
+            "entry": r["entry"],
+            "step": r["step"],
+            "result": _result_text(r["step"], r),
+        }
+        for r in results
+    ]
+    columns = [("scan", "scan"), ("entry", "entry"), ("step", "step"), ("result", "result")]
+    print_results(rows, columns)
     return 0
 
 
@@ -161,8 +209,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("plot-slice", help="PNG of a slice through a transform")
     p.add_argument("transform_file", type=Path, help="transform.nxs or fN_transform.nxs")
-    p.add_argument("--axis", choices=("h", "k", "l"), default="l")
-    p.add_argument("--value", type=float, default=0.0, help="r.l.u. of the slice")
+    p.add_argument(
+        "--axis",
+        choices=("h", "k", "l"),
+        default="l",
+        help="axis held fixed (default l: an HK plane)",
+    )
+    p.add_argument(
+        "--value",
+        type=float,
+        default=0.0,
+        help="value of that axis in r.l.u. (default 0; the nearest grid plane is drawn)",
+    )
     p.add_argument("--png", type=Path, required=True, help="output PNG")
     p.set_defaults(func=_cmd_plot_slice)
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from ..experiment import Experiment, scan_directory_name
 from ..settings import (
     EXPERIMENT_SECTIONS,
     SECTIONS,
+    experiment_settings_path,
     format_value,
     init_server_settings,
     load_server_settings,
@@ -85,11 +88,41 @@ def _print_settings(values: dict[str, dict[str, Any]], path: Path) -> None:
 # --------------------------------------------------------------------------- settings
 
 
+def enclosing_experiment(start: Path | None = None) -> Path | None:
+    """The experiment directory holding ``start`` (default: the current directory).
+
+    An experiment directory is one with ``tasks/settings.ini``; ``start`` may be the
+    experiment itself or any directory below it (a sample or label directory).
+    """
+    here = Path(os.path.abspath(start if start is not None else Path.cwd()))
+    for directory in (here, *here.parents):
+        if experiment_settings_path(directory).is_file():
+            return directory
+    return None
+
+
 def _settings_file(args: argparse.Namespace) -> tuple[Path, tuple[str, ...]]:
+    """The file ``settings show/edit`` act on.
+
+    ``--experiment``, ``--file`` and ``--server`` say it; otherwise the experiment that
+    holds the current directory, if any (its settings override the server's), else the
+    server file.  ``[server]`` keys exist only in the server file, so an edit of those
+    alone goes there.
+    """
     if getattr(args, "experiment", None) is not None:
         return Experiment.open(args.experiment).settings_file, EXPERIMENT_SECTIONS
-    path = args.file if args.file is not None else server_settings_path()
-    return path, SECTIONS
+    if args.file is not None or getattr(args, "server", False):
+        return (args.file if args.file is not None else server_settings_path()), SECTIONS
+    names = [name for name, _ in getattr(args, "set", None) or ()]
+    server_only = bool(names) and all(name.partition(".")[0] == "server" for name in names)
+    experiment = None if server_only else enclosing_experiment()
+    if experiment is not None:
+        print(
+            f"experiment settings of {experiment} (use --server for the server file)",
+            file=sys.stderr,
+        )
+        return Experiment.open(experiment).settings_file, EXPERIMENT_SECTIONS
+    return server_settings_path(), SECTIONS
 
 
 def _settings_init(args: argparse.Namespace) -> int:
@@ -159,9 +192,18 @@ def _register_settings(subparsers: Any) -> None:
     ):
         p = sub.add_parser(action, help=text, description=text)
         where = p.add_mutually_exclusive_group()
-        where.add_argument("--file", type=Path, help="settings file (default: the server file)")
+        where.add_argument("--file", type=Path, help="this settings file")
         where.add_argument(
             "-x", "--experiment", type=Path, metavar="DIR", help="use this experiment's file"
+        )
+        where.add_argument(
+            "--server",
+            action="store_true",
+            help="use the server file even inside an experiment directory",
+        )
+        p.epilog = (
+            "Default: the tasks/settings.ini of the experiment holding the current "
+            "directory, else the server file ([server] keys always go to the server file)."
         )
         if action == "edit":
             p.add_argument(
@@ -367,6 +409,11 @@ def _scan_new(args: argparse.Namespace) -> int:
     config = Path(args.configuration)
     if not (config.suffix == ".nxs" and config.exists()):
         config = experiment.configuration_file(args.configuration)
+    parent = None
+    if args.parent is not None:  # relative to the current directory, as any path given
+        parent = Path(os.path.abspath(args.parent.expanduser()))
+        if not parent.is_file():
+            raise SettingsError(f"parent scan file {parent} does not exist")
     experiment.new_sample(args.sample, args.label)
     paths = experiment.scan_paths(args.sample, args.label, scan)
     data_directory = None
@@ -380,7 +427,7 @@ def _scan_new(args: argparse.Namespace) -> int:
         scan,
         temperature=args.temperature,
         temperature_units=args.units,
-        parent=args.parent,
+        parent=parent,
         overwrite=args.overwrite,
         data_directory=data_directory,
     )
@@ -412,7 +459,9 @@ def _register_sample_scan(subparsers: Any) -> None:
     p.add_argument("-c", "--configuration", required=True, help="configuration name or .nxs file")
     p.add_argument("--temperature", type=float, help="sample temperature")
     p.add_argument("--units", default="K", help="temperature units (default K)")
-    p.add_argument("--parent", type=Path, help="parent scan file")
+    p.add_argument(
+        "--parent", type=Path, help="parent scan file (a path relative to the current directory)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing scan file")
     p.set_defaults(func=_scan_new)
 
