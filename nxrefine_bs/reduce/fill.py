@@ -10,8 +10,9 @@ the stencil (zero-flux boundary).
 Only the hole voxels are unknowns: the system is assembled on the hole voxels and the
 ``m``-voxel shell around them (:func:`hole_system`), never on the whole grid.  Punched
 Bragg peaks all have the same shape, so :func:`fill_holes` factorises that one local
-system once (SuperLU) and solves every isolated interior hole with it, in batches of
-right-hand sides (holes clipped alike by the volume's edge share one factorisation too);
+system once (SuperLU, :class:`BlockLU`) and solves every isolated interior hole with it,
+in blocks of right-hand sides (holes clipped alike by the volume's edge share one
+factorisation too);
 holes that overlap are solved together in one block-diagonal sparse system
 (:func:`fill_mask`).
 """
@@ -23,6 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
@@ -33,7 +35,7 @@ from ..errors import ReductionError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FillResult", "hole_system", "fill_mask", "fill_holes", "neighbours"]
+__all__ = ["FillResult", "BlockLU", "hole_system", "fill_mask", "fill_holes", "neighbours"]
 
 _STEPS = ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))
 
@@ -97,10 +99,19 @@ def neighbours(
     return out
 
 
+def unique_indices(values: NDArray[np.integer]) -> NDArray[np.int64]:
+    """Sorted unique flat indices (sort-based: numpy's hash-based ``unique`` is slow on
+    millions of scattered indices)."""
+    a = np.sort(np.asarray(values, dtype=np.int64).ravel())
+    if a.size:
+        a = a[np.concatenate(([True], a[1:] != a[:-1]))]
+    return a
+
+
 def _dilate(flat: NDArray[np.int64], shape: tuple[int, int, int]) -> NDArray[np.int64]:
     """``flat`` plus its in-volume 6-neighbours (sorted, unique)."""
     parts = [flat] + [idx[inside] for idx, inside, _ in neighbours(flat, shape)]
-    return np.unique(np.concatenate(parts))
+    return unique_indices(np.concatenate(parts))
 
 
 def _stencil(
@@ -154,7 +165,7 @@ def hole_system(
         Flat indices of those known voxels; the fill is ``A^-1 (-B @ volume[known])``.
     """
     inv2 = 1.0 / _check(m, epsilon, spacing) ** 2
-    holes = np.unique(np.asarray(holes, dtype=np.int64))
+    holes = unique_indices(holes)
     shell1 = _dilate(holes, shape)
     if m == 1:
         full = _stencil(holes, shell1, shape, inv2, epsilon**2)
@@ -183,7 +194,7 @@ def fill_mask(
 
     Returns the number of voxels filled.
     """
-    holes = np.unique(np.asarray(holes, dtype=np.int64))
+    holes = unique_indices(holes)
     if holes.size == 0:
         return 0
     a, b, known = hole_system(volume.shape, holes, m=m, epsilon=epsilon, spacing=spacing)
@@ -220,6 +231,67 @@ def _groups(centres: NDArray[np.int64], reach: int) -> list[list[int]]:
     return list(members.values())
 
 
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _lower_unit(indptr, indices, data, x):  # pragma: no cover - compiled
+    """Solve ``L y = x`` in place (``L`` CSR, unit diagonal) for all columns of ``x``."""
+    n, k = x.shape
+    for i in range(n):
+        for p in range(indptr[i], indptr[i + 1]):
+            j = indices[p]
+            if j < i:
+                v = data[p]
+                for c in range(k):
+                    x[i, c] -= v * x[j, c]
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _upper(indptr, indices, data, x):  # pragma: no cover - compiled
+    """Solve ``U y = x`` in place (``U`` CSR, upper triangular) for all columns of ``x``."""
+    n, k = x.shape
+    for i in range(n - 1, -1, -1):
+        d = 1.0
+        for p in range(indptr[i], indptr[i + 1]):
+            j = indices[p]
+            if j > i:
+                v = data[p]
+                for c in range(k):
+                    x[i, c] -= v * x[j, c]
+            elif j == i:
+                d = data[p]
+        for c in range(k):
+            x[i, c] /= d
+
+
+class BlockLU:
+    """Sparse LU (SuperLU) of a small system, solving blocks of right-hand sides at once.
+
+    SuperLU's own ``solve`` sweeps its triangular factors once per right-hand side; here
+    each row of the factors updates the whole block (a vectorised loop), which is what
+    makes one factorisation per hole shape pay off for thousands of punched reflections.
+    """
+
+    def __init__(self, a: sp.spmatrix) -> None:
+        lu = spla.splu(sp.csc_matrix(a), permc_spec="MMD_AT_PLUS_A")
+        lower, upper = lu.L.tocsr(), lu.U.tocsr()
+        self._l = (lower.indptr, lower.indices, lower.data)
+        self._u = (upper.indptr, upper.indices, upper.data)
+        self._perm_r = lu.perm_r
+        self._perm_c = lu.perm_c
+        self.nnz = int(lower.nnz + upper.nnz)
+
+    def solve(self, rhs: NDArray[np.float64]) -> NDArray[np.float64]:
+        """``a^-1 rhs`` for ``rhs`` of shape ``(n,)`` or ``(n, k)``."""
+        b = np.asarray(rhs, dtype=np.float64)
+        one = b.ndim == 1
+        b = b.reshape(b.shape[0], -1)
+        y = np.empty_like(b)
+        y[self._perm_r] = b  # A = Pr^T L U Pc^T
+        _lower_unit(*self._l, y)
+        _upper(*self._u, y)
+        x = y[self._perm_c]
+        return x[:, 0] if one else x
+
+
 def fill_holes(
     volume: NDArray[np.floating],
     centres: NDArray[np.int64],
@@ -228,7 +300,7 @@ def fill_holes(
     m: int = 1,
     epsilon: float = 0.0,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
-    batch: int = 256,
+    batch: int | None = None,
 ) -> tuple[FillResult, NDArray[np.int64]]:
     """Punch a hole of shape ``stencil`` at each centre and fill it, in place.
 
@@ -244,8 +316,8 @@ def fill_holes(
     m, epsilon, spacing
         Matérn order, ``eps`` (inverse length in the units of ``spacing``) and voxel
         spacings ``(dl, dk, dh)``.
-    batch : int
-        Holes solved per right-hand-side block.
+    batch : int, optional
+        Holes solved per right-hand-side block (default: about 4 M unknowns).
 
     Returns
     -------
@@ -296,7 +368,7 @@ def fill_holes(
         box = local.shape
         lholes = np.flatnonzero(local)
         a, b, lknown = hole_system(box, lholes, m=m, epsilon=epsilon, spacing=spacing)
-        lu = spla.splu(a.tocsc())
+        solve = BlockLU(a).solve
 
         def to_global(lflat: NDArray[np.int64], lo=lo, box=box) -> NDArray[np.int64]:
             ll, rem = np.divmod(lflat, box[1] * box[2])
@@ -307,10 +379,11 @@ def fill_holes(
         g_holes = to_global(lholes)
         g_known = to_global(lknown)
         cflat = (centres[members, 0] * nk + centres[members, 1]) * nh + centres[members, 2]
-        for s0 in range(0, len(cflat), batch):
-            c = cflat[s0 : s0 + batch]
+        step = batch or max(16, (1 << 22) // max(1, lholes.size))
+        for s0 in range(0, len(cflat), step):
+            c = cflat[s0 : s0 + step]
             known_vals = flat[g_known[:, None] + c[None, :]].astype(np.float64)
-            u = lu.solve(np.asarray(-(b @ known_vals)))
+            u = solve(np.asarray(-(b @ known_vals)))
             flat[g_holes[:, None] + c[None, :]] = u
         filled.append((g_holes[:, None] + cflat[None, :]).ravel())
         result.shared += int(members.size)
@@ -321,13 +394,13 @@ def fill_holes(
         idx = np.concatenate([np.asarray(g) for g in grouped])
         pts = (centres[idx][:, None, :] + offs[None, :, :]).reshape(-1, 3)
         pts = pts[np.all((pts >= 0) & (pts < dims), axis=1)]
-        vox = np.unique((pts[:, 0] * nk + pts[:, 1]) * nh + pts[:, 2])
+        vox = unique_indices((pts[:, 0] * nk + pts[:, 1]) * nh + pts[:, 2])
         if vox.size:
             fill_mask(volume, vox, m=m, epsilon=epsilon, spacing=spacing)
             filled.append(vox)
         result.grouped = int(idx.size)
         result.groups = len(grouped)
-    voxels = np.unique(np.concatenate(filled)) if filled else np.zeros(0, dtype=np.int64)
+    voxels = unique_indices(np.concatenate(filled)) if filled else np.zeros(0, dtype=np.int64)
     result.voxels = int(voxels.size)
     result.seconds = time.perf_counter() - t0
     logger.debug(
