@@ -405,7 +405,9 @@ class RunWriter:
     def write_progress(self, f: h5py.File) -> None:
         """Bring links, frame numbers and per-frame columns up to date in ``f``."""
         fe = f[self.entry]
-        for res in self.resources.values():
+        # The RunEngine thread adds resources and appends values meanwhile: work on
+        # snapshots (list() of a dict or list is atomic under the GIL).
+        for res in list(self.resources.values()):
             if not res.linked:
                 self._check_link_target(res)
                 self._link(fe, res)
@@ -414,7 +416,8 @@ class RunWriter:
         n = self.n_frames
         if n and data["frame_number"].shape[0] != n:
             _set_length(data["frame_number"], n)
-        for name, values in self.columns.items():
+        for name, column in list(self.columns.items()):
+            values = list(column)
             if self.written.get(name) == len(values):
                 continue
             if name == "phi":
@@ -426,7 +429,8 @@ class RunWriter:
             self.written[name] = len(values)
         if self.baseline:
             logs = nx_group(nx_group(fe, "instrument", "NXinstrument"), "logs", "NXcollection")
-            for key, values in self.baseline.items():
+            for key, column in list(self.baseline.items()):
+                values = list(column)
                 if self.written.get(f"baseline:{key}") != len(values):
                     _write_column(logs, key, values, None)
                     self.written[f"baseline:{key}"] = len(values)

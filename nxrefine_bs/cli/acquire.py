@@ -60,6 +60,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--scan", help="with --sample: only this scan (e.g. 300K)")
     p.add_argument("--into", type=Path, help="write into this experiment directory instead")
     p.add_argument("--reduce", default="", metavar="STEPS", help="also run these steps")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replay into entries that hold reduction results: regenerate only what the "
+        "writer owns (data links, frame numbers, phi, monitors, logs, acquisition) and "
+        "keep the rest (refined geometry, monitor_weight, masks, peaks, nxworkflow)",
+    )
+    p.add_argument("--api-key", help="Tiled server API key (default: $TILED_API_KEY)")
     p.set_defaults(func=_cmd_replay)
 
 
@@ -147,7 +155,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from ..tiled.catalog import close_catalog, open_catalog
     from ..tiled.replay import replay_runs, select_runs
 
-    client = open_catalog(args.catalog)
+    client = open_catalog(args.catalog, api_key=args.api_key)
     try:
         query = None
         if args.sample:
@@ -155,7 +163,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             if args.scan:
                 query["scan"] = args.scan
         runs = select_runs(client, uids=args.uid, scan_ids=args.scan_id, query=query)
-        callbacks = [NeXusScanWriter()]
+        writer = NeXusScanWriter()
+        callbacks: list[Any] = [writer]
         reduction = None
         steps = [s for s in args.reduce.split(",") if s]
         if steps:
@@ -163,7 +172,10 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
             reduction = PostScanReduction(steps)
             callbacks.append(reduction)
-        uids = replay_runs(runs, callbacks, experiment_dir=args.into)
+        try:
+            uids = replay_runs(runs, callbacks, experiment_dir=args.into, overwrite=args.overwrite)
+        finally:
+            writer.close()
         if reduction is not None:
             reduction.wait()
             reduction.close()
