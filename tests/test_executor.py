@@ -90,7 +90,7 @@ REGISTRY = {
     for s in (
         Step("slow", "test_slow", f"{MODULE}:slow_step"),
         Step("sum", "test_sum", f"{MODULE}:sum_step"),
-        Step("refine", "nxrefine", f"{MODULE}:orient_step"),
+        Step("refine", "nxrefine", f"{MODULE}:orient_step", from_parent=True),
         Step("after", "test_after", f"{MODULE}:after_step", requires=("sum",)),
         Step("total", "test_total", f"{MODULE}:total_step", per_entry=False, requires=("sum",)),
     )
@@ -280,3 +280,37 @@ def test_cli_status_tasks_cancel_sync(tmp_path, scan, capsys):
     assert exc.value.code == 0 and "--dask" in capsys.readouterr().out
     with pytest.raises(WorkflowError, match="does not exist"):
         _cli(["workflow", "status", "-x", str(tmp_path / "nowhere")])
+
+
+def test_graph_comes_from_the_step_registry(tmp_path):
+    from nxrefine_bs.reduce.steps import STEPS
+    from nxrefine_bs.workflow.graph import build_graph
+
+    parent = make_simulated_scan(tmp_path, scan="100K", n_frames=3, omegas=(0.0, 30.0, 60.0))
+    child = make_simulated_scan(tmp_path, scan="200K", n_frames=3, omegas=(0.0, 30.0, 60.0))
+    with h5py.File(child.scan_file, "r+") as f:
+        write_field(f["entry"].require_group("nxscans"), "parent", parent.scan_file.name)
+    with h5py.File(parent.scan_file, "r+") as f:
+        record_process(f["f2"], "nxmax")  # done: not in the graph, not a dependency
+    tasks, _ = build_graph([child.scan_file, parent.scan_file], token="t0", overwrite=False)
+    by_key = {t.key: t for t in tasks}
+    assert tasks[0].scan_file == str(parent.scan_file)  # parents first
+    assert len(tasks) == 2 * (5 * 3 + 2) - 1 and len(by_key) == len(tasks)
+    assert set(by_key["find-sim_100K-f1-t0"].deps) == {"max-sim_100K-f1-t0"}
+    assert by_key["find-sim_100K-f2-t0"].deps == ()
+    # refine: its own find, the first rotation's refine, the parent's refine
+    assert set(by_key["refine-sim_200K-f2-t0"].deps) == {
+        "find-sim_200K-f2-t0", "refine-sim_200K-f1-t0", "refine-sim_100K-f2-t0"
+    }  # fmt: skip
+    assert set(by_key["prepare-sim_100K-f3-t0"].deps) == {"refine-sim_100K-f3-t0"}
+    assert set(by_key["combine-sim_100K-t0"].deps) == {
+        f"transform-sim_100K-f{i}-t0" for i in (1, 2, 3)
+    }
+    assert by_key["pdf-sim_100K-t0"].deps == ("combine-sim_100K-t0",)  # any registered step
+    heavy = {t.step.name for t in tasks if t.heavy}
+    assert heavy == {s.name for s in STEPS.values() if s.memory_heavy}
+    # every dependency comes earlier in the list
+    seen: set[str] = set()
+    for t in tasks:
+        assert set(t.deps) <= seen, t.key
+        seen.add(t.key)

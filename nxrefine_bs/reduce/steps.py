@@ -49,6 +49,14 @@ class Step:
     requires : tuple of str
         Steps that must be done first (on the same entry, or on every rotation entry
         for per-scan steps).
+    from_first : bool
+        Per-entry step whose run on ``f2``... starts from its own result on the first
+        rotation (``refine``: the orientation of ``f1``), so it waits for it.
+    from_parent : bool
+        Step whose run on a child scan starts from its result on the parent scan's
+        same entry (``refine``), so it waits for it.
+    memory_heavy : bool
+        Holds a large array (a grid or a stack): executors run few at once.
     """
 
     name: str
@@ -56,6 +64,9 @@ class Step:
     target: str
     per_entry: bool = True
     requires: tuple[str, ...] = ()
+    from_first: bool = False
+    from_parent: bool = False
+    memory_heavy: bool = False
 
     def load(self) -> Callable[..., dict[str, Any]]:
         """Import and return the step function."""
@@ -73,15 +84,35 @@ STEPS: dict[str, Step] = {
     for s in (
         Step("max", "nxmax", "nxrefine_bs.reduce.maximum:run"),
         Step("find", "nxfind", "nxrefine_bs.reduce.peaks:run", requires=("max",)),
-        Step("refine", "nxrefine", "nxrefine_bs.reduce.refine:run", requires=("find",)),
-        Step("prepare", "nxprepare_mask", "nxrefine_bs.reduce.mask3d:run", requires=("refine",)),
-        Step("transform", "nxtransform", "nxrefine_bs.reduce.transform:run", requires=("refine",)),
+        Step(
+            "refine",
+            "nxrefine",
+            "nxrefine_bs.reduce.refine:run",
+            requires=("find",),
+            from_first=True,
+            from_parent=True,
+        ),
+        Step(
+            "prepare",
+            "nxprepare_mask",
+            "nxrefine_bs.reduce.mask3d:run",
+            requires=("refine",),
+            memory_heavy=True,
+        ),
+        Step(
+            "transform",
+            "nxtransform",
+            "nxrefine_bs.reduce.transform:run",
+            requires=("refine",),
+            memory_heavy=True,
+        ),
         Step(
             "combine",
             "nxcombine",
             "nxrefine_bs.reduce.combine:run",
             per_entry=False,
             requires=("transform",),
+            memory_heavy=True,
         ),
         Step("pdf", "nxpdf", "nxrefine_bs.reduce.pdf:run", per_entry=False, requires=("combine",)),
     )

@@ -4,9 +4,11 @@ The graph comes from the step registry (:data:`~nxrefine_bs.reduce.steps.STEPS`)
 ``Step.requires`` names the steps a step needs, ``Step.per_entry`` says whether it
 runs per rotation or once per scan.  A requirement of a per-entry step on a
 per-entry step is the same entry; a per-scan step needs the requirement on every
-entry.  The orientation step (process ``nxrefine``) of a child scan also needs its
-parent's orientation on the same entry.  Nothing is hard-coded about which steps
-exist: a step added to the registry (``pdf`` requiring ``combine``) joins the graph.
+entry.  A ``from_first`` step (``refine``) on ``f2``... also needs itself on the first
+rotation, and a ``from_parent`` step (``refine``) of a child scan needs itself on the
+parent scan's same entry; ``memory_heavy`` steps ask the executor for a memory slot.
+Nothing is hard-coded about which steps exist: a step added to the registry (``pdf``
+requiring ``combine``) joins the graph.
 
 Keys read like ``transform-<sample>_<scan>-f2-<token>`` (``combine-<sample>_<scan>-
 <token>`` for per-scan steps), where the token is unique to one submission, so the
@@ -37,8 +39,6 @@ from .sync import rotation_entries, scan_targets
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "MEMORY_HEAVY",
-    "PARENT_PROCESS",
     "TaskSpec",
     "build_graph",
     "new_token",
@@ -48,11 +48,10 @@ __all__ = [
     "task_key",
 ]
 
-PARENT_PROCESS = "nxrefine"
-"""Process whose completion on the parent scan gates the child's orientation step."""
 
-MEMORY_HEAVY = frozenset({"prepare", "transform", "combine"})
-"""Steps that hold a large array (grid or stack); a step may also set ``memory_heavy``."""
+def from_parent(step: Step) -> bool:
+    """True if ``step`` on a child scan needs it done on the parent's same entry."""
+    return bool(getattr(step, "from_parent", False))
 
 
 @dataclass(frozen=True)
@@ -227,8 +226,15 @@ def build_graph(
                             dep = running(scan_file, target, req.name)
                         if dep is not None:
                             deps.append(dep)
+                first = all_entries[0] if all_entries else entry
+                if step.per_entry and getattr(step, "from_first", False) and entry != first:
+                    dep = keys.get((scan_file, first, step.name))
+                    if dep is None and running is not None:
+                        dep = running(scan_file, first, step.name)
+                    if dep is not None:
+                        deps.append(dep)
                 parent = parents[scan_file]
-                if step.process == PARENT_PROCESS and parent is not None:
+                if from_parent(step) and parent is not None:
                     dep = keys.get((parent, entry, step.name))
                     if dep is None and running is not None:
                         dep = running(parent, entry, step.name)
@@ -248,7 +254,7 @@ def build_graph(
                         if stored is not None
                         else step_params(params, step.name),
                         overwrite=overwrite,
-                        heavy=bool(getattr(step, "memory_heavy", step.name in MEMORY_HEAVY)),
+                        heavy=bool(getattr(step, "memory_heavy", False)),
                     )
                 )
     return tasks, entries_of

@@ -37,7 +37,7 @@ from ..nexus.scanfile import open_scan_file
 from ..reduce.steps import STEPS, Step
 from .database import WorkflowDB
 from .engine import dispose_engines
-from .graph import PARENT_PROCESS, TaskSpec, requirement_targets, safe_parent
+from .graph import TaskSpec, from_parent, requirement_targets, safe_parent
 from .leases import Claim
 from .schema import Status
 
@@ -149,7 +149,7 @@ def _requirement_problem(
             return f"requires unknown step {req_name!r}"
         for target in requirement_targets(spec.step, req, spec.entry, entries):
             checks.append((scan_file, target, req, f"requires {req.name} on {target}"))
-    if spec.step.process == PARENT_PROCESS:
+    if from_parent(spec.step):
         parent = safe_parent(scan_file)
         if parent is not None:
             if not parent.exists():
