@@ -361,9 +361,12 @@ def _put_back(scan_file: Path, entry: str, backup: Path) -> None:
     """Restore the non-writer parts of ``entry`` from ``backup``, then delete it."""
     from ..nexus.scanfile import update_scan_file
 
+    index = "nxworkflow/nxlink/sequence_index"
     with h5py.File(backup, "r") as old, update_scan_file(scan_file) as f:
         if entry in old and entry in f:
             _restore(f[entry], old[entry])
+            if index in old[entry] and index in f[entry]:  # nxlink keeps its place
+                f[entry][index][()] = old[entry][index][()]
     with contextlib.suppress(FileNotFoundError):
         backup.unlink()
     logger.info("%s:%s: acquisition replayed, reduction results kept", scan_file, entry)
