@@ -127,62 +127,8 @@ def test_roll_does_not_change_two_theta():
 
 
 # ---------------------------------------------------------------------------------------
-# Accuracy on simulated images
+# Refinement from a nominal geometry (zero-hint accuracy: test_calibration_search.py)
 # ---------------------------------------------------------------------------------------
-CASES = [
-    # detector, calibrant, wavelength, (distance, yaw, pitch)
-    ("Pilatus 1M", "CeO2", 0.5, (200.0, 2.0, -1.5)),
-    ("Pilatus 2M", "CeO2", 0.5, (300.0, -2.5, 1.0)),
-    ("Pilatus CdTe 2M", "CeO2", 0.5, (600.0, 1.0, -2.0)),
-    ("Eiger 4M", "CeO2", 0.5, (250.0, 3.0, 2.0)),
-    ("Pilatus 2M", "LaB6", 0.4, (1000.0, 0.5, 0.5)),
-]
-
-
-@pytest.mark.parametrize(("detector", "calibrant", "wavelength", "geo"), CASES)
-def test_calibration_accuracy(detector, calibrant, wavelength, geo):
-    det = get_detector(detector)
-    distance, yaw, pitch = geo
-    truth = {
-        "distance": distance,
-        "beam_center_x": det.shape[1] * 0.52,
-        "beam_center_y": det.shape[0] * 0.47,
-        "yaw": yaw,
-        "pitch": pitch,
-        "roll": 0.0,
-    }
-    image = simulate(det, truth, calibrant, wavelength)
-    # nominal geometry off by ~1 % in distance, several pixels and about a degree
-    result = calibrate_powder(
-        image,
-        det,
-        calibrant,
-        wavelength=wavelength,
-        distance=distance * 1.01,
-        beam_center_x=truth["beam_center_x"] - 6,
-        beam_center_y=truth["beam_center_y"] + 5,
-        yaw=yaw - 1.0,
-        pitch=pitch + 0.8,
-    )
-    assert isinstance(result, CalibrationResult)
-    assert result.n_rings >= 2
-    assert result.n_points > 100
-    assert result.rms_residual < 0.01
-    assert abs(result.distance - distance) / distance < 1e-3
-    assert abs(result.beam_center_x - truth["beam_center_x"]) < 0.2
-    assert abs(result.beam_center_y - truth["beam_center_y"]) < 0.2
-    assert abs(result.yaw - yaw) < 0.05
-    assert abs(result.pitch - pitch) < 0.05
-    assert result.roll == 0.0
-    assert result.wavelength_angstrom == pytest.approx(wavelength)
-    # PONI and NXRefine views agree
-    nx = poni_to_nxrefine(
-        result.dist, result.poni1, result.poni2, result.rot1, result.rot2, result.rot3,
-        result.pixel1, result.pixel2,
-    )  # fmt: skip
-    assert nx["distance"] == pytest.approx(result.distance)
-
-
 def test_refine_wavelength():
     det = get_detector("Pilatus 1M")
     truth = _truth(250.0, 500.0, 480.0, 1.0, -1.0)
@@ -245,10 +191,13 @@ def test_unknown_calibrant_lists_valid_names():
     assert isinstance(info.value, NXRefineBSError)
 
 
-def test_noise_image_finds_too_few_rings():
+def test_noise_image_finds_no_rings():
     shape = get_detector("Pilatus 1M").shape
     image = np.random.default_rng(3).poisson(50, shape).astype(np.float64)
-    with pytest.raises(CalibrationError, match=r"found 0 ring.*wavelength"):
+    with pytest.raises(CalibrationError, match=r"found no ring pattern.*wavelength"):
+        calibrate_powder(image, "Pilatus 1M", wavelength=0.5)
+    # a nominal geometry is tried as well, and finds no ring either
+    with pytest.raises(CalibrationError, match=r"nominal start.*found [01] ring\(s\)"):
         calibrate_powder(image, "Pilatus 1M", **NOMINAL)
 
 

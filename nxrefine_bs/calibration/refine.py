@@ -38,6 +38,7 @@ from numpy.typing import ArrayLike, NDArray
 from ..errors import CalibrationError, CalibrationQualityError
 from .convert import DEFAULT_ORIENTATION, get_calibrant, nxrefine_to_poni
 from .images import prepare_image
+from .quality import judge, unexplained_rings
 from .result import CalibrationResult, result_from_parameters
 from .rings import PixelTable, calibrant_rings, pick_ring, plan_rings
 from .search import find_starts
@@ -206,19 +207,27 @@ def _refine_from(
     fix_wavelength: bool,
     max_rings: int,
     search_size: float,
+    window: float,
     snr: float,
     max_iterations: int,
+    give_up_rms: float,
 ) -> _Fit:
-    """Pick-and-refine cycles from one start (the geometry is never set on a pyFAI object)."""
+    """Pick-and-refine cycles from one start (the geometry is never set on a pyFAI object).
+
+    Stops early, as a failure, when two cycles with every ring tried still leave an RMS
+    residual above ``give_up_rms`` pixels.
+    """
     param = list(start)
     n_use = min(3, max_rings)
     previous = None
+    cycles_all_used = 0
     fit = _Fit(param, wavelength, np.empty((0, 3)), [], 0, math.inf, math.inf)
     for iteration in range(max_iterations):
         tth, chi = model.angles(param)
-        plans = plan_rings(rings, float(tth.min()), float(tth.max()), param[0], pixel, search_size)[
-            :max_rings
-        ]
+        plans = plan_rings(
+            rings, float(tth.min()), float(tth.max()), param[0], pixel, search_size,
+            window_px=window,
+        )[:max_rings]  # fmt: skip
         if not plans:
             fit.failure = "no ring falls on the detector"
             return fit
@@ -264,6 +273,9 @@ def _refine_from(
         previous = now
         if all_used and converged:
             break
+        cycles_all_used += all_used
+        if cycles_all_used >= 2 and fit.rms_pixels > give_up_rms:
+            break
         n_use = len(plans) if all_used else min(len(plans), max(n_use + 2, 2 * n_use))
     if not fix_wavelength:
         param, wavelength, points, resid = _fit_with_rejection(
@@ -277,24 +289,26 @@ def _refine_from(
     return fit
 
 
-def _judge(fit: _Fit, min_rings: int, min_ring_fraction: float, max_rms_pixels: float) -> str:
-    """Why ``fit`` is not acceptable ('' when it is)."""
-    if fit.failure:
-        return fit.failure
-    n = len(fit.rings)
-    if n < min_rings:
-        return f"only {n} ring(s) found (at least {min_rings} needed)"
-    if n < min_ring_fraction * fit.n_expected:
-        return (
-            f"only {n} of the {fit.n_expected} rings expected on the detector were found "
-            f"(at least {min_ring_fraction:.0%} needed)"
-        )
-    if not fit.rms_pixels <= max_rms_pixels:
-        return (
-            f"RMS residual {fit.rms_pixels:.3f} px ({fit.rms_deg:.5f} deg 2-theta) exceeds "
-            f"{max_rms_pixels:g} px"
-        )
-    return ""
+def _check_unexplained(
+    fit: _Fit,
+    model: _Model,
+    intensity: NDArray[np.float64],
+    calibrant: Calibrant,
+    max_unexplained: float,
+    pixel: float,
+) -> str:
+    """Reason to refuse ``fit`` for strong rings the calibrant does not explain, or ''."""
+    tth, _ = model.angles(fit.param)
+    every = [t for t in calibrant.get_2th() if t is not None]
+    found = unexplained_rings(tth, intensity, every, 0.5 * pixel / fit.param[0])
+    strong = [(t, h) for t, h in found if h > max_unexplained]
+    if not strong:
+        return ""
+    listed = ", ".join(f"{t:.3f} deg ({h:.0%})" for t, h in strong[:5])
+    return (
+        f"{len(strong)} ring(s) higher than {max_unexplained:.0%} of the strongest are not "
+        f"explained by {calibrant.name}: 2-theta {listed}"
+    )
 
 
 def calibrate_powder(
@@ -311,12 +325,13 @@ def calibrate_powder(
     roll: float = 0.0,
     fix_wavelength: bool = True,
     max_rings: int = 20,
-    search_size: float = 10.0,
+    search_size: float | None = None,
     mask: ArrayLike | None = None,
     snr: float = 5.0,
     min_rings: int = 3,
     min_ring_fraction: float = 0.5,
     max_rms_pixels: float = 0.5,
+    max_unexplained: float | None = 0.1,
     max_iterations: int = 12,
     search: bool = True,
     max_starts: int = 4,
@@ -346,8 +361,10 @@ def calibrate_powder(
         Keep the wavelength fixed (default).  If ``False`` it is refined in a last stage.
     max_rings : int
         Use at most this many (resolved) rings, from low angle up.
-    search_size : float
-        Half-width in pixels of the band about each predicted ring searched for points.
+    search_size : float, optional
+        Half-width in pixels of the band about each predicted ring searched for points
+        (default: 10, or 3 ring widths for rings broader than about 3 pixels, as measured in
+        the search's radial profile).
     mask : array_like, optional
         Extra pixel mask (nonzero = masked) of the image shape.
     snr : float
@@ -358,6 +375,10 @@ def calibrate_powder(
         Smallest fraction of the resolved rings on the detector an accepted fit must use.
     max_rms_pixels : float
         Largest RMS residual (pixels, measured across the rings) of an accepted fit.
+    max_unexplained : float or None
+        Refuse a fit when the 2-theta profile holds a ring that no calibrant reflection
+        explains and that is higher than this fraction of the highest explained ring
+        (``None``: no check).
     max_iterations : int
         Maximum number of pick-and-refine cycles per start.
     search : bool
@@ -404,18 +425,20 @@ def calibrate_powder(
         )
         return [par[k] for k in (*_PARAMS, "rot3")]
 
-    starts: list[tuple[str, list[float]]] = []
+    starts: list[tuple[str, list[float], float]] = []  # label, PONI, ring width (px)
     if search:
         for s in find_starts(img, valid, [t for _, t in rings])[: max(1, max_starts)]:
             label = (
                 f"search start ({s.beam_center_x:.1f}, {s.beam_center_y:.1f}) px, "
                 f"{s.distance_px * pixel * 1e3:.2f} mm"
             )
-            starts.append((label, poni_start(s.distance_px * pixel * 1e3, s.beam_center_x,
-                                             s.beam_center_y, 0.0, 0.0)))  # fmt: skip
+            par = poni_start(s.distance_px * pixel * 1e3, s.beam_center_x, s.beam_center_y, 0, 0)
+            starts.append((label, par, s.ring_width))
     if distance is not None and beam_center_x is not None and beam_center_y is not None:
         label = f"nominal start ({beam_center_x:.1f}, {beam_center_y:.1f}) px, {distance:.2f} mm"
-        starts.append((label, poni_start(distance, beam_center_x, beam_center_y, yaw, pitch)))
+        width = starts[0][2] if starts else float("nan")
+        par = poni_start(distance, beam_center_x, beam_center_y, yaw, pitch)
+        starts.append((label, par, width))
     elif not search:
         raise CalibrationError(
             "calibration without search needs the nominal distance and beam centre"
@@ -429,13 +452,23 @@ def calibrate_powder(
     model = _Model(det, valid)
     intensity = img[valid]
     attempts: list[tuple[str, _Fit, str]] = []
-    for label, start in starts:
+    for label, start, ring_width in starts:
+        # broad rings (FWHM > ~3 px) need a wider band and centroid window
+        width = ring_width if math.isfinite(ring_width) else 0.0
         fit = _refine_from(
             start, model, intensity, rings, dspacing, wavelength, pixel=pixel,
-            fix_wavelength=fix_wavelength, max_rings=max_rings, search_size=search_size,
-            snr=snr, max_iterations=max_iterations,
+            fix_wavelength=fix_wavelength, max_rings=max_rings,
+            search_size=search_size if search_size else max(10.0, 3.0 * width),
+            window=max(3.0, 1.5 * width), snr=snr, max_iterations=max_iterations,
+            give_up_rms=3.0 * max_rms_pixels,
         )  # fmt: skip
-        verdict = _judge(fit, min_rings, min_ring_fraction, max_rms_pixels)
+        verdict = judge(
+            failure=fit.failure, n_rings=len(fit.rings), n_expected=fit.n_expected,
+            rms_pixels=fit.rms_pixels, rms_deg=fit.rms_deg, min_rings=min_rings,
+            min_ring_fraction=min_ring_fraction, max_rms_pixels=max_rms_pixels,
+        )  # fmt: skip
+        if not verdict and max_unexplained is not None:
+            verdict = _check_unexplained(fit, model, intensity, cal, max_unexplained, pixel)
         logger.info(
             "%s: %d of %d rings, rms %.3f px -> %s",
             label, len(fit.rings), fit.n_expected, fit.rms_pixels, verdict or "accepted",
@@ -443,9 +476,12 @@ def calibrate_powder(
         attempts.append((label, fit, verdict))
         if not verdict:
             break
+    # the best attempt: accepted, else a good fit refused for another reason, else most rings
     label, fit, verdict = min(
-        attempts, key=lambda a: (bool(a[2]), -len(a[1].rings), a[1].rms_pixels)
-    )
+        attempts,
+        key=lambda a: (bool(a[2]), not a[1].rms_pixels <= max_rms_pixels, -len(a[1].rings),
+                       a[1].rms_pixels),
+    )  # fmt: skip
     if verdict:
         raise CalibrationQualityError(
             f"powder calibration of {source} with {cal_name} at {wavelength} A failed: "

@@ -76,6 +76,7 @@ def plan_rings(
     pixel: float,
     search_size: float,
     sector_px: float = 8.0,
+    window_px: float = 3.0,
 ) -> list[RingPlan]:
     """Rings between ``tmin`` and ``tmax`` (rad) that are resolved from their neighbours.
 
@@ -91,6 +92,8 @@ def plan_rings(
         Half-width of the band searched about each ring, pixels.
     sector_px : float
         Arc length of an azimuthal sector, pixels.
+    window_px : float
+        Half-width of the centroid window about a ring's peak, pixels.
     """
     values = np.array([t for _, t in rings])
     plans = []
@@ -109,7 +112,7 @@ def plan_rings(
             continue
         radius_px = distance_m * math.tan(t0) / pixel
         n_sec = int(np.clip(round(2 * math.pi * radius_px / sector_px), 8, 720))
-        plans.append(RingPlan(idx, t0, half, min(half, 3.0 * px), n_sec))
+        plans.append(RingPlan(idx, t0, half, min(half, window_px * px), n_sec))
     return plans
 
 
@@ -183,6 +186,7 @@ def pick_ring(
     snr: float,
     tth_at: TthFunction,
     recentre: int = 3,
+    gaussian: bool = True,
 ) -> RingPoints:
     """Pick control points on one ring.
 
@@ -253,6 +257,8 @@ def pick_ring(
             new = tsum / wsum
         # keep the centre where a sector lost all its weight
         centre = np.where(wsum > 0, new, centre)
+    if gaussian:
+        centre = _gaussian_centres(t, inten, sector, n_sectors, centre, bkg_s, window)
     near = np.abs(t - centre[sector]) < window
     w = np.where(near, w_all, 0.0)
     total = np.bincount(sector, weights=np.where(near, excess, 0.0), minlength=n_sectors)
@@ -292,3 +298,76 @@ def _onto_contour(
         rows = rows + scale * g_r
         cols = cols + scale * g_c
     return rows, cols
+
+
+def _gaussian_centres(
+    t: NDArray[np.float64],
+    inten: NDArray[np.float64],
+    sector: NDArray[np.int64],
+    n_sectors: int,
+    centre: NDArray[np.float64],
+    bkg: NDArray[np.float64],
+    window: float,
+    iterations: int = 6,
+) -> NDArray[np.float64]:
+    """Refine sector centres by fitting ``B + A exp(-(t - mu)^2 / 2 s^2)`` to their pixels.
+
+    All sectors are fitted at once (Gauss-Newton with the normal equations summed per
+    sector by ``bincount``).  A first pass fits ``s`` in every sector and takes the ring's
+    width as their median; the second fits ``B``, ``A`` and ``mu`` with that width.  Where a
+    fit fails (non-finite, ``A <= 0`` or ``mu`` moving more than half the window) the
+    centroid is kept.
+    """
+    has = np.isfinite(centre)
+    if not has.any():
+        return centre
+    c0 = np.where(has, centre, 0.0)
+    near = np.abs(t - c0[sector]) < window
+    near &= has[sector]
+    ts, ys, ss = t[near], inten[near], sector[near]
+    u = (ts - c0[ss]) / window  # offsets in units of the window
+    n = np.bincount(ss, minlength=n_sectors).astype(np.float64)
+    fit_ok = has & (n >= 5)
+    b = np.where(fit_ok, bkg, 0.0)
+    top = np.zeros(n_sectors)
+    np.maximum.at(top, ss, ys)
+    a = np.maximum(top - b, 1e-9)
+    mu = np.zeros(n_sectors)
+    width = np.full(n_sectors, 0.25)
+
+    def solve(n_par: int) -> None:
+        nonlocal b, a, mu, width
+        for _ in range(iterations):
+            d = u - mu[ss]
+            w2 = width[ss] ** 2
+            g = np.exp(-0.5 * d * d / w2)
+            resid = ys - (b[ss] + a[ss] * g)
+            jac = [np.ones_like(g), g, a[ss] * g * d / w2, a[ss] * g * d * d / (w2 * width[ss])]
+            jac = jac[:n_par]
+            mat = np.empty((n_sectors, n_par, n_par))
+            vec = np.empty((n_sectors, n_par))
+            for i in range(n_par):
+                vec[:, i] = np.bincount(ss, jac[i] * resid, n_sectors)
+                for j in range(i, n_par):
+                    mat[:, i, j] = mat[:, j, i] = np.bincount(ss, jac[i] * jac[j], n_sectors)
+            mat += (
+                np.eye(n_par)
+                * (1e-9 + 1e-6 * np.abs(np.diagonal(mat, axis1=1, axis2=2)))[:, :, None]
+            )
+            with np.errstate(all="ignore"):
+                step = np.linalg.solve(mat[fit_ok], vec[fit_ok][..., None])[..., 0]
+            step = np.where(np.isfinite(step), step, 0.0)
+            b[fit_ok] += step[:, 0]
+            a[fit_ok] += step[:, 1]
+            mu[fit_ok] = np.clip(mu[fit_ok] + step[:, 2], -0.5, 0.5)
+            if n_par > 3:
+                width[fit_ok] = np.clip(width[fit_ok] + step[:, 3], 0.02, 1.0)
+
+    solve(4)
+    good = fit_ok & (a > 0) & np.isfinite(width)
+    if good.any():
+        width[:] = float(np.median(width[good]))
+    mu[:] = 0.0
+    solve(3)
+    good = fit_ok & (a > 0) & np.isfinite(mu) & (np.abs(mu) < 0.5)
+    return np.where(good, c0 + mu * window, centre)

@@ -2,21 +2,21 @@
 
 Only the calibrant's ring angles, the pixel size and the image are used:
 
-1. **Beam centre.**  Powder rings are (nearly) centro-symmetric about the beam, so the
-   self-convolution ``C(s) = sum_x g(x) g(s - x)`` of a ring-enhanced image ``g`` peaks at
-   ``s = 2 c``, twice the ring centre ``c`` (at ``s = 2c`` every ring pixel meets its mirror
-   image).  ``g`` is the local signal-to-noise ratio of the (binned) image above a smooth
-   background, clipped and made zero-mean, so that weak and strong rings count alike and
-   module gaps count as nothing.  One FFT pair gives every candidate centre at once; the few
-   strongest maxima are kept.
-2. **Distance.**  The azimuthally averaged profile about each candidate centre shows the rings
-   as peaks at radii ``r_k = D tan(2 theta_k)``.  ``D`` (pixels) is scanned on a fine
-   logarithmic grid; each value is scored by the fraction of predicted rings (on the
-   detector) that match an observed peak times the (SNR-weighted) fraction of observed peaks
-   that a predicted ring explains.  Requiring both fractions removes the scale ambiguities of
-   cubic calibrants (``D/2``, ``2D``, ``sqrt(2) D`` put many predicted rings on observed ones
-   but leave rings unexplained or predict rings where there are none).  The best ``D`` is then
-   fitted by least squares to its matched peaks.
+1. **Ring centre** (:func:`find_centres`).  The pixels that stand out of a smooth
+   background are the rings.  About the right centre their radii cluster at the ring
+   radii; about a wrong one they spread out.  A coarse grid of centres over the detector
+   (and a margin about it) is scored by how sharply the radii cluster, and the best local
+   maxima are refined on finer grids.  This works for complete rings and for arcs alike
+   (the beam near an edge, or large rings of which only arcs reach the detector), where a
+   centro-symmetry test (self-convolution of the image) fails.
+2. **Distance** (:func:`find_distances`).  The azimuthally averaged profile about a
+   candidate centre shows the rings as peaks at radii ``r_k = D tan(2 theta_k)``.  ``D``
+   (pixels) is scanned on a fine logarithmic grid; each value is scored by the fraction of
+   predicted rings (on the detector) that match an observed peak times the (SNR-weighted)
+   fraction of observed peaks that a predicted ring explains.  Requiring both removes the
+   scale ambiguities of cubic calibrants (``D/2``, ``2D``, ``sqrt(2) D`` put many predicted
+   rings on observed ones but leave rings unexplained or predict rings where there are
+   none).  The best ``D`` is then fitted by least squares to its matched peaks.
 
 The starts are only approximate for a tilted detector (the rings are ellipses whose centres
 move away from the beam with 2-theta); :func:`nxrefine_bs.calibration.refine.calibrate_powder`
@@ -55,6 +55,9 @@ class StartGeometry:
         Match score of the distance search (0 to 1).
     n_matched : int
         Number of calibrant rings matched to profile peaks.
+    ring_width : float
+        Median full width at half maximum of the strongest profile peaks, pixels (an upper
+        bound of the ring width: tilts and centre errors broaden the profile).
     """
 
     beam_center_x: float
@@ -62,17 +65,7 @@ class StartGeometry:
     distance_px: float
     score: float
     n_matched: int
-
-    def poni(self, pixel1: float, pixel2: float) -> dict[str, float]:
-        """pyFAI PONI parameters of this (untilted) geometry, metres and radians."""
-        return {
-            "dist": self.distance_px * math.sqrt(pixel1 * pixel2),
-            "poni1": (self.beam_center_y + 0.5) * pixel1,
-            "poni2": (self.beam_center_x + 0.5) * pixel2,
-            "rot1": 0.0,
-            "rot2": 0.0,
-            "rot3": 0.0,
-        }
+    ring_width: float = float("nan")
 
 
 # --------------------------------------------------------------------------------------
@@ -83,25 +76,54 @@ def _bin(a: NDArray, b: int) -> NDArray[np.float64]:
     return a[:ny, :nx].reshape(ny // b, b, nx // b, b).sum(axis=(1, 3), dtype=np.float64)
 
 
-def _ring_map(
-    image: NDArray[np.float64], valid: NDArray[np.bool_], b: int
-) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
-    """Binned, clipped signal-to-noise map of the image above a smooth background."""
+def _ring_pixels(
+    image: NDArray[np.float64], valid: NDArray[np.bool_], b: int, min_snr: float
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """Binned pixels standing ``min_snr`` noise levels above a smooth background.
+
+    Returns their (row, column) in binned pixels and a weight (the SNR, capped at 20).
+    """
     from scipy import ndimage
 
     total = _bin(np.where(valid, image, 0.0), b)
     count = _bin(valid, b)
     ok = count > 0.5 * b * b
     mean = np.where(ok, total / np.maximum(count, 1.0), 0.0)
-    size = 25
-    num = ndimage.uniform_filter(mean * ok, size)
-    den = ndimage.uniform_filter(ok.astype(np.float64), size)
+    num = ndimage.uniform_filter(mean * ok, 25)
+    den = ndimage.uniform_filter(ok.astype(np.float64), 25)
     bkg = num / np.maximum(den, 1e-6)
     noise = np.sqrt(np.maximum(bkg, 1.0) / np.maximum(count, 1.0))
-    g = np.where(ok, np.clip((mean - bkg) / noise, 0.0, 20.0), 0.0)
-    if ok.any():
-        g[ok] -= g[ok].mean()
-    return g, ok
+    snr = np.where(ok, (mean - bkg) / noise, 0.0)
+    rows, cols = np.nonzero(snr > min_snr)
+    return rows.astype(np.float64), cols.astype(np.float64), np.minimum(snr[rows, cols], 20.0)
+
+
+def _concentration(
+    rows: NDArray[np.float64],
+    cols: NDArray[np.float64],
+    weight: NDArray[np.float64],
+    cy: NDArray[np.float64],
+    cx: NDArray[np.float64],
+    width: float,
+) -> NDArray[np.float64]:
+    """How sharply the ring pixels' radii about each candidate centre cluster.
+
+    The weighted radius histogram (bins of ``width / 2``, summed in pairs so that a ring on
+    a bin edge counts fully) is squared and summed, relative to the squared total weight:
+    1 when every pixel is at one radius, small when the radii are spread out.
+    """
+    out = np.empty(len(cy))
+    total = float(weight.sum()) ** 2
+    for sl in np.array_split(np.arange(len(cy)), max(1, len(cy) * len(rows) // 2_000_000)):
+        r = np.hypot(rows[None, :] - cy[sl, None], cols[None, :] - cx[sl, None])
+        idx = (r / (0.5 * width)).astype(np.int64)
+        nb = int(idx.max()) + 2
+        flat = (np.arange(len(sl))[:, None] * nb + idx).ravel()
+        h = np.bincount(flat, np.broadcast_to(weight, idx.shape).ravel(), len(sl) * nb)
+        h = h.reshape(len(sl), nb)
+        pair = h[:, :-1] + h[:, 1:]
+        out[sl] = (pair**2).sum(axis=1) / total
+    return out
 
 
 def find_centres(
@@ -110,8 +132,18 @@ def find_centres(
     n: int = 3,
     *,
     max_binned: int = 600,
+    margin: float = 0.25,
+    max_pixels: int = 3000,
+    min_snr: float = 5.0,
 ) -> list[tuple[float, float, float]]:
-    """Candidate ring centres from the self-convolution of the ring-enhanced image.
+    """Candidate ring centres: the points about which the ring pixels' radii cluster best.
+
+    Pixels that stand out of the smooth background (the rings) are taken from the binned
+    image.  Every point of a coarse grid covering the detector and a ``margin`` about it is
+    scored by :func:`_concentration` with bins as wide as the grid step; the ``n`` best local
+    maxima are then refined on finer and finer grids (step / 3 each time, down to a tenth
+    of a binned pixel).  Unlike a symmetry test this works for partial rings too (the beam
+    near an edge, or only arcs of large rings on the detector).
 
     Parameters
     ----------
@@ -123,51 +155,52 @@ def find_centres(
         Number of candidates.
     max_binned : int
         The image is binned so that its larger side has at most this many bins.
+    margin : float
+        Centres up to this fraction of the detector size outside it are considered.
+    max_pixels : int
+        At most this many ring pixels (a fixed-seed random subset) are used.
+    min_snr : float
+        Signal-to-noise ratio that makes a binned pixel a ring pixel.
 
     Returns
     -------
-    list of (x, y, strength)
-        Centres in pixels (centre of pixel ``i`` at ``i``), strongest first; ``strength`` is
-        the self-convolution maximum relative to its spread.
+    list of (x, y, score)
+        Centres in pixels (centre of pixel ``i`` at ``i``), best first, with their
+        concentration score (0 to 1).
     """
-    from scipy import fft, ndimage
+    from scipy import ndimage
 
     b = max(1, math.ceil(max(image.shape) / max_binned))
-    g, ok = _ring_map(image, valid, b)
-    if not ok.any() or not np.any(g):
+    rows, cols, weight = _ring_pixels(image, valid, b, min_snr)
+    if rows.size < 20:
         return []
-    shape = (fft.next_fast_len(2 * g.shape[0]), fft.next_fast_len(2 * g.shape[1]))
-    spec = fft.rfft2(g, shape)
-    conv = fft.irfft2(spec * spec, shape)
-    # centres inside the detector only: s = 2 c with 0 <= c < n
-    conv = conv[: 2 * g.shape[0] - 1, : 2 * g.shape[1] - 1]
-    spread = float(np.std(conv)) or 1.0
-    sep = max(3, 20 // b)
-    peaks = (conv == ndimage.maximum_filter(conv, size=2 * sep + 1)) & (conv > 0)
-    iy, ix = np.nonzero(peaks)
-    order = np.argsort(conv[iy, ix])[::-1][:n]
+    if rows.size > max_pixels:
+        pick = np.random.default_rng(0).choice(rows.size, max_pixels, replace=False)
+        rows, cols, weight = rows[pick], cols[pick], weight[pick]
+    ny, nx = (image.shape[0] // b, image.shape[1] // b)
+    step = max(2.0, max(ny, nx) / 32.0)
+    gy = np.arange(-margin * ny, (1 + margin) * ny, step)
+    gx = np.arange(-margin * nx, (1 + margin) * nx, step)
+    cy, cx = (a.ravel() for a in np.meshgrid(gy, gx, indexing="ij"))
+    coarse = min(rows.size, 1500)  # a (random) subset is enough on the coarse grid
+    score = _concentration(rows[:coarse], cols[:coarse], weight[:coarse], cy, cx, step)
+    score = score.reshape(gy.size, gx.size)
+    local = (score == ndimage.maximum_filter(score, size=5)) & (score > 0)
+    iy, ix = np.nonzero(local)
     out = []
-    for k in order:
-        sy, sx = _subpixel_peak(conv, int(iy[k]), int(ix[k]))
-        out.append(
-            (sx / 2 * b + (b - 1) / 2, sy / 2 * b + (b - 1) / 2, conv[iy[k], ix[k]] / spread)
-        )
+    for k in np.argsort(score[iy, ix])[::-1][:n]:
+        y, x, s = float(gy[iy[k]]), float(gx[ix[k]]), step
+        best = float(score[iy[k], ix[k]])
+        while s > 0.25:
+            s /= 3.0
+            off = np.arange(-6, 7) * s
+            oy, ox = (a.ravel() for a in np.meshgrid(off, off, indexing="ij"))
+            c = _concentration(rows, cols, weight, y + oy, x + ox, max(4.0 * s, 0.5))
+            j = int(np.argmax(c))
+            y, x, best = y + float(oy[j]), x + float(ox[j]), float(c[j])
+        out.append((x * b + (b - 1) / 2, y * b + (b - 1) / 2, best))
+    out.sort(key=lambda c: -c[2])
     return out
-
-
-def _subpixel_peak(a: NDArray[np.float64], i: int, j: int) -> tuple[float, float]:
-    """Parabolic sub-sample position of a local maximum."""
-
-    def vertex(m: float, c: float, p: float) -> float:
-        den = m - 2 * c + p
-        return 0.0 if den >= 0 else float(np.clip(0.5 * (m - p) / den, -0.5, 0.5))
-
-    di = dj = 0.0
-    if 0 < i < a.shape[0] - 1:
-        di = vertex(a[i - 1, j], a[i, j], a[i + 1, j])
-    if 0 < j < a.shape[1] - 1:
-        dj = vertex(a[i, j - 1], a[i, j], a[i, j + 1])
-    return i + di, j + dj
 
 
 # --------------------------------------------------------------------------------------
@@ -203,21 +236,28 @@ def _profile_peaks(
     mean: NDArray[np.float64],
     count: NDArray[np.float64],
     min_snr: float,
-) -> tuple[NDArray[np.float64], NDArray[np.float64], float, float]:
-    """Peaks of a radial profile: radii, SNR, and the radius range that was covered."""
+) -> tuple[NDArray[np.float64], NDArray[np.float64], float, float, float]:
+    """Peaks of a radial profile: radii, SNR, the radius range covered and the ring width.
+
+    The width is the median FWHM (pixels) of the five highest peaks.
+    """
     from scipy import ndimage, signal
 
     step = float(radius[1] - radius[0]) if radius.size > 1 else 1.0
     ok = count >= 20
     if ok.sum() < 10:
-        return np.empty(0), np.empty(0), 0.0, 0.0
+        return np.empty(0), np.empty(0), 0.0, 0.0, float("nan")
     good = np.flatnonzero(ok)
     filled = np.interp(np.arange(mean.size), good, mean[good])
     bkg = ndimage.percentile_filter(filled, 20, size=max(3, int(30 / step)))
     noise = np.sqrt(np.maximum(bkg, 1.0) / np.maximum(count, 1.0))
     snr = np.where(ok, (filled - bkg) / noise, 0.0)
     pk, _ = signal.find_peaks(snr, height=min_snr, distance=max(1, int(1.5 / step)))
-    return radius[pk], snr[pk], float(radius[good[0]]), float(radius[good[-1]])
+    width = float("nan")
+    if pk.size:
+        top = pk[np.argsort(snr[pk])[::-1][:5]]
+        width = float(np.median(signal.peak_widths(snr, top, rel_height=0.5)[0])) * step
+    return radius[pk], snr[pk], float(radius[good[0]]), float(radius[good[-1]]), width
 
 
 def find_distances(
@@ -264,7 +304,7 @@ def find_distances(
     dmax = rhi / tan2t[0]
     if not dmax > dmin:
         return []
-    grid = np.exp(np.arange(math.log(dmin), math.log(dmax), 5e-4))
+    grid = np.exp(np.arange(math.log(dmin), math.log(dmax), 1e-3))
     pred = grid[:, None] * tan2t[None, :]  # (nD, nR), ascending along rows
     on = (pred > rlo) & (pred < rhi)
     n_pred = on.sum(axis=1)
@@ -343,14 +383,14 @@ def find_starts(
         Empty if no ring pattern was found.
     """
     starts: list[StartGeometry] = []
-    for cx, cy, strength in find_centres(image, valid, n_centres):
+    for cx, cy, concentration in find_centres(image, valid, n_centres):
         radius, mean, count = radial_profile(image, valid, cx, cy)
-        peaks, snr, rlo, rhi = _profile_peaks(radius, mean, count, min_snr)
+        peaks, snr, rlo, rhi, width = _profile_peaks(radius, mean, count, min_snr)
         cands = find_distances(peaks, snr, rlo, rhi, ring_tth, n_distances)
         logger.debug(
-            "centre (%.1f, %.1f) strength %.1f: %d profile peaks, distances %s",
-            cx, cy, strength, len(peaks), [(round(d, 1), round(s, 3)) for d, s, _ in cands],
+            "centre (%.1f, %.1f) concentration %.3f: %d profile peaks, distances %s",
+            cx, cy, concentration, len(peaks), [(round(d, 1), round(s, 3)) for d, s, _ in cands],
         )  # fmt: skip
-        starts.extend(StartGeometry(cx, cy, d, s, m) for d, s, m in cands)
+        starts.extend(StartGeometry(cx, cy, d, s, m, width) for d, s, m in cands)
     starts.sort(key=lambda s: -s.score)
     return starts

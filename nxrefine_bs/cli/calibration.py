@@ -3,18 +3,24 @@
 ::
 
     nxrefine-bs calibrate IMAGE TARGET [--calibrant CeO2] [--entries f1,f2]
-                          [--wavelength A] [--distance MM] [--beam-center X Y]
-                          [--yaw D] [--pitch D] [--roll D] [--refine-wavelength]
-                          [--max-rings N] [--search-size PX] [--poni-in FILE [--no-refine]]
+                          [--detector NAME] [--wavelength A] [--distance MM]
+                          [--beam-center X Y] [--yaw D] [--pitch D] [--roll D] [--no-search]
+                          [--refine-wavelength] [--max-rings N] [--search-size PX]
+                          [--min-rings N] [--max-rms PX] [--poni-in FILE [--no-refine]]
                           [--poni-out FILE] [--plots DIR]
     nxrefine-bs mask add-rect TARGET X0 Y0 X1 Y1 [--entries ...] [--png FILE]
     nxrefine-bs mask add-circle TARGET XC YC R [--entries ...] [--png FILE]
     nxrefine-bs mask import TARGET IMAGE [--add] [--entries ...] [--png FILE]
     nxrefine-bs mask show TARGET [--entry f1] [--png FILE]
 
-``TARGET`` is a configuration template or a scan file.  The nominal geometry of
-``calibrate`` (detector, wavelength, distance, beam centre, tilts) is read from its first
-entry to be updated unless given on the command line or by ``--poni-in``.
+``TARGET`` is a configuration template or a scan file.  ``calibrate`` needs only the
+calibrant, the wavelength and the detector (read from the first entry to be updated unless
+given on the command line or by ``--poni-in``): the beam centre and distance are found in the
+image.  The entry's distance, beam centre and tilts (or those given on the command line) are
+tried as one more start after the ones found in the image, or as the only one with
+``--no-search``.  A fit that uses too few rings or leaves too large an RMS residual is
+refused: the command exits with status 2, names the numbers, and leaves ``TARGET`` (and
+``--poni-out``) untouched.
 """
 
 from __future__ import annotations
@@ -40,6 +46,26 @@ def _entries(text: str) -> list[str]:
     return names
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
 def _flatten(values: list[list[str]] | None) -> list[str] | None:
     if not values:
         return None
@@ -53,7 +79,7 @@ def _nominal_from_file(target: str, entries: list[str] | None) -> dict[str, Any]
     """Detector name, wavelength and geometry stored in the first entry to update."""
     import h5py
 
-    from ..calibration.powder import resolve_entries
+    from ..calibration.nexus_io import resolve_entries
     from ..nexus.h5tools import read_field
 
     wanted = resolve_entries(target, entries)
@@ -75,15 +101,12 @@ def _nominal_from_file(target: str, entries: list[str] | None) -> dict[str, Any]
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Handler of ``nxrefine-bs calibrate``."""
-    from ..calibration.powder import (
-        calibrate_powder,
-        get_calibrant,
-        load_image,
-        read_poni,
-        save_plots,
-        write_calibration,
-        write_poni,
-    )
+    from ..calibration.convert import get_calibrant
+    from ..calibration.images import load_image
+    from ..calibration.nexus_io import write_calibration
+    from ..calibration.plots import save_plots
+    from ..calibration.poni import read_poni, write_poni
+    from ..calibration.refine import calibrate_powder
 
     entries = _flatten(args.entries)
     image = load_image(args.image)
@@ -116,15 +139,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.beam_center:
         overrides["beam_center_x"], overrides["beam_center_y"] = args.beam_center
     nominal.update({k: v for k, v in overrides.items() if v is not None})
-    if nominal.get("beam_center_x") is None or nominal.get("beam_center_y") is None:
-        ny, nx = image.shape
-        nominal["beam_center_x"], nominal["beam_center_y"] = nx / 2.0, ny / 2.0
-    missing = [k for k in ("detector", "wavelength", "distance") if not nominal.get(k)]
+    missing = [k for k in ("detector", "wavelength") if not nominal.get(k)]
+    if args.no_search:
+        missing += [
+            k for k in ("distance", "beam_center_x", "beam_center_y") if nominal.get(k) is None
+        ]
     if missing:
+        flags = " ".join("--" + k.replace("_", "-") for k in missing)
         raise CalibrationError(
-            f"{args.target} gives no {', '.join(missing)} for the nominal geometry; "
-            "pass --" + " --".join(missing) + " or --poni-in"
+            f"{args.target} gives no {', '.join(missing)}; pass {flags} or --poni-in"
         )
+
+    def number(key: str) -> float | None:
+        value = nominal.get(key)
+        return None if value is None else float(value)
+
     if args.no_refine:
         if start is None:
             raise CalibrationError("--no-refine needs --poni-in (the geometry to store)")
@@ -138,15 +167,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             nominal["detector"],
             args.calibrant,
             wavelength=float(nominal["wavelength"]),
-            distance=float(nominal["distance"]),
-            beam_center_x=float(nominal["beam_center_x"]),
-            beam_center_y=float(nominal["beam_center_y"]),
+            distance=number("distance"),
+            beam_center_x=number("beam_center_x"),
+            beam_center_y=number("beam_center_y"),
             yaw=float(nominal["yaw"] or 0.0),
             pitch=float(nominal["pitch"] or 0.0),
             roll=float(nominal["roll"] or 0.0),
             fix_wavelength=not args.refine_wavelength,
             max_rings=args.max_rings,
             search_size=args.search_size,
+            min_rings=args.min_rings,
+            max_rms_pixels=args.max_rms,
+            search=not args.no_search,
             detector_orientation=str(nominal.get("detector_orientation") or "-y +z -x"),
         )
     print(result.summary())
@@ -165,7 +197,7 @@ def _mask_start(target: str, entries: list[str] | None) -> tuple[Any, np.ndarray
     import h5py
 
     from ..calibration.masks import PixelMask, read_pixel_mask
-    from ..calibration.powder import resolve_entries
+    from ..calibration.nexus_io import resolve_entries
     from ..nexus.h5tools import read_field
 
     wanted = resolve_entries(target, entries)
@@ -243,11 +275,24 @@ def register(subparsers: Any) -> None:
     p.add_argument("--yaw", type=float, help="nominal yaw in degrees")
     p.add_argument("--pitch", type=float, help="nominal pitch in degrees")
     p.add_argument("--roll", type=float, help="nominal roll in degrees (not refined)")
+    p.add_argument(
+        "--no-search", action="store_true",
+        help="start only from the nominal geometry (default: find it in the image first)",
+    )  # fmt: skip
     p.add_argument("--refine-wavelength", action="store_true", help="also refine the wavelength")
     p.add_argument("--max-rings", type=int, default=20, help="maximum number of rings (20)")
     p.add_argument(
-        "--search-size", type=float, default=10.0,
-        help="half-width in pixels of the band searched about each ring (10)",
+        "--search-size", type=_positive_float,
+        help="half-width in pixels of the band searched about each ring "
+        "(default 10, or 3 ring widths for broad rings)",
+    )  # fmt: skip
+    p.add_argument(
+        "--min-rings", type=_positive_int, default=3,
+        help="refuse a fit that uses fewer rings (3)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-rms", type=_positive_float, default=0.5, metavar="PX",
+        help="refuse a fit whose RMS residual across the rings exceeds PX pixels (0.5)",
     )  # fmt: skip
     p.add_argument("--poni-in", help="start from (or with --no-refine, use) this PONI file")
     p.add_argument("--no-refine", action="store_true", help="store the --poni-in geometry as it is")
