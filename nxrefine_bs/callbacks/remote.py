@@ -201,6 +201,10 @@ def run_proxy(
     ``out_port + 1`` (REP: ``{"history": uid}`` and ``{"runs": true}`` requests).
     Messages that are not msgpack envelopes are dropped with a warning.
     """
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
     ctx = zmq.Context()
     auth = _start_authenticator(ctx, curve) if curve is not None else None
     front, back, rep = ctx.socket(zmq.SUB), ctx.socket(zmq.PUB), ctx.socket(zmq.REP)
@@ -221,7 +225,7 @@ def run_proxy(
     if ready is not None:
         ready()
     try:
-        while stop is None or not stop.is_set():
+        while not stop.is_set():
             events = dict(poller.poll(200))
             if front in events:
                 payload = front.recv()

@@ -67,10 +67,19 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_archive)
 
 
+def _service_logging() -> None:
+    """Services log "listening on ..." and one line per run without ``-v``."""
+    package = logging.getLogger("nxrefine_bs")
+    package.setLevel(min(package.level or logging.INFO, logging.INFO))
+    for handler in package.handlers:
+        handler.setLevel(min(handler.level, logging.INFO))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+
+
 def _cmd_proxy(args: argparse.Namespace) -> int:
     from ..callbacks.remote import run_proxy
 
-    logging.getLogger("nxrefine_bs").setLevel(logging.INFO)
+    _service_logging()
     run_proxy(args.host, args.in_port, args.out_port, curve=args.curve)
     return 0
 
@@ -78,7 +87,7 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
 def _cmd_writer(args: argparse.Namespace) -> int:
     from ..callbacks.remote import serve
 
-    logging.getLogger("nxrefine_bs").setLevel(logging.INFO)
+    _service_logging()
     return serve(
         args.zmq, reduce_steps=[s for s in args.reduce.split(",") if s], curve=args.curve
     )

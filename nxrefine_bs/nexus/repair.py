@@ -16,6 +16,7 @@ actually readable, so nothing is reduced as if complete.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -174,7 +175,12 @@ def repair_scan_file(scan_file: str | os.PathLike[str]) -> RepairReport:
                     running.append(entry)
     except OSError as exc:
         raise ScanFileError(f"cannot read {scan_file}: {exc}") from exc
-    for path, _ in links.values():
+    candidates = {path for path, _ in links.values()}
+    with contextlib.suppress(Exception):  # the scan directory, linked or not yet linked
+        from ..experiment import ScanPaths
+
+        candidates.update(ScanPaths.from_scan_file(scan_file).scan_dir.glob("*.h5"))
+    for path in sorted(candidates):
         if path.is_file() and clear_open_for_write(path):
             report.cleared.append(path)
     if running:

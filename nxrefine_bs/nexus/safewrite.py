@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 LOCK_TIMEOUT = 60.0
 """Default seconds :func:`locked` waits for another holder before giving up."""
 
-FREE_SPACE_MARGIN = 8 * 1024**2
+FREE_SPACE_MARGIN = 1024**2
 """Bytes kept free on top of what an update needs (HDF5 metadata, other writers)."""
 
 _TMP_TAG = ".nxrbs-tmp"

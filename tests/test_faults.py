@@ -1,0 +1,354 @@
+"""Fault injection with real processes: kill -9, a full disk, 0MQ writer restarts, pickles.
+
+Every process is started by the test on 127.0.0.1 and cleaned up; waits are on
+conditions with generous time-outs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import h5py
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from nexusformat.nexus import nxload
+
+from nxrefine_bs.nexus.repair import is_marked_open, repair_scan_file
+
+SCAN_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from nxrefine_bs.callbacks.isolation import BeamlineRunEngine
+    from nxrefine_bs.callbacks.nexus_writer import NeXusScanWriter
+    from nxrefine_bs.devices import make_sim_beamline
+    from nxrefine_bs.plans import rotation_scan
+
+    exp = Path(sys.argv[1])
+    RE = BeamlineRunEngine({})
+    RE.subscribe(NeXusScanWriter())
+    bl = make_sim_beamline(exp, detector="small", shape=(48, 64), frame_time=0.01, seed=1,
+                           temperature_time_constant=0.01)
+    print("ready", flush=True)
+    for i, entry in enumerate(sys.argv[2].split(",")):
+        RE(rotation_scan(bl, experiment_dir=exp, sample="s", label="x", scan="300K",
+                         entry=entry, phi_start=0.0, phi_end=20.0, phi_step=0.5))
+    print("done", flush=True)
+    """
+)
+
+
+def wait_for(condition, timeout: float = 120.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` consecutive free ports (the proxy uses out_port + 1 too)."""
+    for _ in range(50):
+        base = random.randint(20000, 60000)
+        ok = True
+        for p in range(base, base + n):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return list(range(base, base + n))
+    raise RuntimeError("no free ports")
+
+
+def _check_after_kill(exp_dir: Path) -> dict[str, Any]:
+    """Everything on disk is readable (after repair); return what was found."""
+    scan_file = exp_dir / "s" / "x" / "s_300K.nxs"
+    outcome: dict[str, Any] = {"scan_file": scan_file.exists()}
+    leftovers = [p for p in scan_file.parent.glob(".*") if p.is_file()]
+    if not scan_file.exists():
+        return outcome
+    with h5py.File(scan_file, "r") as f:  # the scan file is always valid
+        outcome["entries"] = sorted(k for k in f if k.startswith("f"))
+    nxload(str(scan_file))
+    report = repair_scan_file(scan_file)
+    outcome["cleared"] = len(report.cleared)
+    outcome["crashed"] = dict(report.crashed)
+    for raw in (scan_file.parent / "300K").glob("*.h5"):
+        assert not is_marked_open(raw)
+        with h5py.File(raw, "r") as f:  # an ordinary open, as max, nxload and NXRefine do
+            if "entry/data/data" in f:
+                data = f["entry/data/data"]
+                if data.shape[0]:
+                    data[data.shape[0] - 1]
+    with h5py.File(scan_file, "r") as f:
+        for entry in outcome["entries"]:
+            status = f[f"{entry}/acquisition/status"][()].decode()
+            assert status in ("success", "crash"), status
+            if status == "crash":
+                n = f[f"{entry}/data/frame_number"].shape[0]
+                if "data" in f[f"{entry}/data"]:
+                    assert f[f"{entry}/data/data"].shape[0] >= n
+    outcome["leftovers"] = [p.name for p in leftovers]
+    return outcome
+
+
+def _kill_trials(experiment_factory, trials: int, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    outcomes = []
+    for _ in range(trials):
+        exp_dir = experiment_factory()
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SCAN_SCRIPT, str(exp_dir), "f1,f2"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+            scan_file = exp_dir / "s" / "x" / "s_300K.nxs"
+            wait_for(scan_file.exists, what="the scan file")
+            time.sleep(rng.uniform(0.0, 1.0))  # the fault: kill at a random instant
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait(60)
+        outcomes.append(_check_after_kill(exp_dir))
+    return outcomes
+
+
+@pytest.fixture
+def experiment_factory(tmp_path, server_settings):
+    from nxrefine_bs.experiment import Experiment
+
+    counter = iter(range(1000))
+
+    def make() -> Path:
+        return Experiment.create(tmp_path / f"a{next(counter)}", "exp", beamline="sim").directory
+
+    return make
+
+
+def test_kill_9_of_the_runengine_process_leaves_everything_readable(experiment_factory):
+    outcomes = _kill_trials(experiment_factory, 2, seed=11)
+    assert all(o["scan_file"] for o in outcomes)
+
+
+@pytest.mark.slow
+def test_kill_9_twenty_trials(experiment_factory, capsys):
+    outcomes = _kill_trials(experiment_factory, 20, seed=12)
+    with capsys.disabled():
+        for o in outcomes:
+            print("kill -9 trial:", o)
+    assert all(o["scan_file"] for o in outcomes)
+
+
+# ---------------------------------------------------------------------- full disk
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    try:
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root/CAP_SYS_ADMIN): {exc}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(directory: Path, leave: int) -> Path:
+    filler = directory / "filler"
+    free = shutil.disk_usage(directory).free
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+    return filler
+
+
+def test_full_disk_during_acquisition_fails_the_run_cleanly(small_tmpfs, server_settings, RE):
+    from nxrefine_bs.callbacks.nexus_writer import NeXusScanWriter
+    from nxrefine_bs.devices import make_sim_beamline
+    from nxrefine_bs.errors import NXRefineBSError
+    from nxrefine_bs.experiment import Experiment
+    from nxrefine_bs.plans import rotation_scan
+
+    exp_dir = Experiment.create(small_tmpfs, "exp", beamline="sim").directory
+    writer = NeXusScanWriter()
+    RE.subscribe(writer)
+    bl = make_sim_beamline(exp_dir, detector="small", shape=(48, 64), frame_time=0.005, seed=1)
+
+    def plan(entry):
+        return rotation_scan(
+            bl, experiment_dir=exp_dir, sample="s", label="x", scan="300K", entry=entry,
+            phi_start=0.0, phi_end=5.0, phi_step=0.5,
+        )  # fmt: skip
+
+    RE(plan("f1"))
+    scan_file = writer.last_scan_file
+    before = scan_file.read_bytes()
+    _fill(small_tmpfs, leave=64 * 1024)
+    with pytest.raises(Exception) as failure:
+        RE(plan("f2"))
+    message = str(failure.value)
+    assert isinstance(failure.value, NXRefineBSError | OSError), message
+    assert "space" in message or "No space" in repr(failure.value.__context__), message
+    # the scan file is intact (its previous content), readable by h5py and nexusformat
+    with h5py.File(scan_file, "r") as f:
+        assert f["f1/acquisition/status"][()].decode() == "success"
+    nxload(str(scan_file))
+    assert scan_file.read_bytes() == before or "f2" in h5py.File(scan_file, "r")
+    (small_tmpfs / "filler").unlink()
+
+
+def test_full_disk_during_a_reduction_step_keeps_the_scan_file(small_tmpfs, server_settings):
+    from nxrefine_bs.errors import ScanFileError
+    from nxrefine_bs.nexus.scanfile import update_scan_file
+
+    path = small_tmpfs / "scan.nxs"
+    with h5py.File(path, "w") as f:
+        f["entry/x"] = np.arange(1000.0)
+    before = path.read_bytes()
+    _fill(small_tmpfs, leave=256 * 1024)
+    with pytest.raises(ScanFileError, match="disk"), update_scan_file(path) as f:
+        f["entry/big"] = np.ones(200_000)  # 1.6 MB: does not fit
+    assert path.read_bytes() == before
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["entry/x"][()], np.arange(1000.0))
+
+
+# ---------------------------------------------------------------------- 0MQ
+@contextlib.contextmanager
+def _process(*args: str) -> Any:
+    """A ``nxrefine-bs`` process whose output lines are collected by a thread."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nxrefine_bs.cli", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    proc.lines = []  # type: ignore[attr-defined]
+    reader = threading.Thread(
+        target=lambda: proc.lines.extend(iter(proc.stdout.readline, "")), daemon=True
+    )
+    reader.start()
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+        reader.join(10)
+
+
+def _output(proc) -> str:
+    return "".join(proc.lines)
+
+
+def _wait_line(proc, text: str, timeout: float = 120) -> None:
+    wait_for(lambda: text in _output(proc) or proc.poll() is not None, timeout, repr(text))
+    assert text in _output(proc), _output(proc)
+
+
+def _status(scan_file: Path, entry: str) -> str | None:
+    try:
+        with h5py.File(scan_file, "r") as f:
+            return f[f"{entry}/acquisition/status"][()].decode()
+    except (OSError, KeyError):
+        return None
+
+
+def test_zmq_writer_restarted_mid_run_recovers_it_and_pickles_are_rejected(
+    experiment, tmp_path
+):
+    from test_nexus_writer import NF, _fly_run
+
+    from nxrefine_bs.callbacks.remote import Publisher
+
+    exp_dir = experiment.directory
+    port_in, port_out, _ = free_ports(3)
+    marker = tmp_path / "pwned"
+    scan_file = exp_dir / "CsV3Sb5" / "xtal1" / "CsV3Sb5_80K.nxs"
+    docs: list[tuple[str, dict]] = []
+
+    class Recorder:
+        last_scan_file = None
+
+        def __call__(self, name, doc):
+            docs.append((name, doc))
+
+    _fly_run(Recorder(), exp_dir, finish=True)
+    half = len(docs) // 2
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.PUB)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(f"tcp://127.0.0.1:{port_in}")
+    publisher = Publisher(f"127.0.0.1:{port_in}")
+    try:
+        with _process("proxy", "--in-port", str(port_in), "--out-port", str(port_out)) as proxy:
+            _wait_line(proxy, "proxy listening")
+            with _process("-v", "writer", "--zmq", f"127.0.0.1:{port_out}") as writer:
+                _wait_line(writer, "listening on")
+
+                def started() -> bool:
+                    raw.send(pickle.dumps(_Evil(str(marker))))  # must never run
+                    publisher._seq.clear()  # 0MQ slow joiner: resend the start (seq 0)
+                    publisher(*docs[0])
+                    return scan_file.exists()
+
+                wait_for(started, what="the writer to create the scan file")
+                for name, doc in docs[1:half]:
+                    publisher(name, doc)
+                wait_for(lambda: _status(scan_file, "f1") == "running", what="running")
+                writer.send_signal(signal.SIGKILL)  # the writer dies mid-run
+                writer.wait(30)
+            for name, doc in docs[half:]:
+                publisher(name, doc)  # the rest of the run while no writer runs
+            with _process("-v", "writer", "--zmq", f"127.0.0.1:{port_out}") as writer2:
+                wait_for(lambda: _status(scan_file, "f1") == "success", what="catch-up")
+                writer2.send_signal(signal.SIGTERM)
+                assert writer2.wait(60) == 0  # flushes and exits cleanly
+            assert "caught up" in _output(writer2)
+            assert "dropped a message" in _output(proxy)  # the pickles
+    finally:
+        publisher.close()
+        raw.close()
+        ctx.term()
+    assert not marker.exists()  # the pickle was never executed
+    with h5py.File(scan_file, "r") as f:
+        assert f["f1/data/data"].shape[0] == NF
+        assert f["f1/monitor/MCS1"].shape == (NF,)
+
+
+class _Evil:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_decode_rejects_anything_but_msgpack_envelopes():
+    from nxrefine_bs.callbacks.remote import decode, encode
+
+    with pytest.raises(ValueError):
+        decode(pickle.dumps(_Evil("/tmp/x")))
+    with pytest.raises(ValueError):
+        decode(msgpack.packb({"name": "start"}))
+    msg = {"run": "u", "seq": 0, "name": "start", "doc": {"a": np.arange(3)}}
+    assert decode(encode(msg))["doc"] == {"a": [0, 1, 2]}
