@@ -186,6 +186,9 @@ def child_fill(n: int, workdir: Path, radius: float) -> dict:
     from nxrefine_bs.reduce.lattice import Lattice
     from nxrefine_bs.reduce.pdf import _read_volume, punch_stencil, reflection_centres
 
+    d = np.arange(-2, 3)  # warm-up: load the numba kernels from their cache
+    ball = np.add.reduce(np.meshgrid(d**2, d**2, d**2, indexing="ij")) <= 4
+    fill_holes(np.zeros((9, 9, 9)), np.array([[4, 4, 4]]), ball)
     grid, v, _ = _read_volume(workdir / "300K" / "transform.nxs", "bench")
     stencil = punch_stencil(grid, CELL, radius)
     half = [s // 2 for s in stencil.shape]
