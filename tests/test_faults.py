@@ -166,7 +166,7 @@ def small_tmpfs(tmp_path):
     mount.mkdir()
     try:
         subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
+            ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)],
             check=True, capture_output=True,
         )  # fmt: skip
     except (OSError, subprocess.CalledProcessError) as exc:
@@ -352,3 +352,38 @@ def test_decode_rejects_anything_but_msgpack_envelopes():
         decode(msgpack.packb({"name": "start"}))
     msg = {"run": "u", "seq": 0, "name": "start", "doc": {"a": np.arange(3)}}
     assert decode(encode(msg))["doc"] == {"a": [0, 1, 2]}
+
+
+@pytest.mark.parametrize("step", ["max", "find", "refine", "prepare", "transform", "combine"])
+def test_full_disk_during_each_reduction_step(small_tmpfs, server_settings, step):
+    """Each step on a full disk: a clear error, the scan file unchanged and readable,
+    no partial output left; after space is freed the step runs."""
+    from nxrefine_bs.errors import NXRefineBSError
+    from nxrefine_bs.reduce.steps import run_step
+    from nxrefine_bs.simulation.scan import make_simulated_scan
+
+    sim = make_simulated_scan(
+        small_tmpfs, n_frames=30, write_truth_orientation=True, omegas=(0,),
+        geometry=None, seed=3,
+    )  # fmt: skip
+    grid = {"qh": (-2, 0.2, 2), "qk": (-2, 0.2, 2), "ql": (-2, 0.2, 2)}
+    order = ["max", "find", "refine", "prepare", "transform", "combine"]
+    params = {"transform": grid, "find": {"threshold": 50}}
+    for before in order[: order.index(step)]:
+        entry = "entry" if before == "combine" else "f1"
+        run_step(before, sim.scan_file, entry, **params.get(before, {}))
+    entry = "entry" if step == "combine" else "f1"
+    snapshot = sim.scan_file.read_bytes()
+    outputs_before = {p.name for p in sim.scan_dir.iterdir()}
+    filler = _fill(small_tmpfs, leave=4 * 1024)
+    with pytest.raises((NXRefineBSError, OSError)) as failure:
+        run_step(step, sim.scan_file, entry, **params.get(step, {}))
+    message = str(failure.value) + repr(failure.value.__context__)
+    assert "space" in message or "disk" in message, message  # says why
+    assert sim.scan_file.read_bytes() == snapshot  # old content, byte for byte
+    nxload(str(sim.scan_file))
+    left = {p.name for p in sim.scan_dir.iterdir()} - outputs_before
+    assert not left, f"partial output left after ENOSPC: {left}"
+    filler.unlink()
+    result = run_step(step, sim.scan_file, entry, **params.get(step, {}))
+    assert result.get("status", "done") in ("done", "skipped")

@@ -45,6 +45,7 @@ __all__ = [
     "ensure_free_space",
     "fsync_path",
     "remove_stale_temporaries",
+    "removing_on_error",
 ]
 
 logger = logging.getLogger(__name__)
@@ -318,6 +319,22 @@ def atomic_update(
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
+
+
+@contextlib.contextmanager
+def removing_on_error(*paths: str | os.PathLike[str]) -> Iterator[None]:
+    """Delete ``paths`` (temporary outputs) if the block raises, then re-raise.
+
+    Reduction steps write their outputs to ``<name>.part`` and rename them when complete;
+    this makes sure a failure (a full disk, an interrupt) leaves no partial file behind.
+    """
+    try:
+        yield
+    except BaseException:
+        for p in paths:
+            with contextlib.suppress(OSError):
+                Path(p).unlink()
+        raise
 
 
 def _write_error(path: Path, exc: OSError) -> ScanFileError:

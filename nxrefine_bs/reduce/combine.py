@@ -187,6 +187,7 @@ def run(
         )
     files = []
     grid = None
+    tmp = out.with_name(out.name + ".part")
     try:
         for path, _ in sources:
             g, fh = read_transform(path)
@@ -200,7 +201,6 @@ def run(
                 )
         assert grid is not None
         shape = grid.shape
-        tmp = out.with_name(out.name + ".part")
         write_transform_file(tmp, grid, None, signal="data")
         filled = 0
         with h5py.File(tmp, "r+") as of:
@@ -230,6 +230,9 @@ def run(
                 good = n[sl] > 0
                 filled += int(np.count_nonzero(good))
                 dd[l0:l1] = np.divide(v[sl], n[sl], out=np.zeros_like(v[sl]), where=good)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no partial output (a full disk, an interrupt)
+        raise
     finally:
         for fh in files:
             fh.close()

@@ -56,6 +56,7 @@ from ..errors import FileExistsNXError, PathSafetyError, ReductionError
 from ..nexus.h5tools import nx_group, read_field, write_external_link
 from ..nexus.nxreduce import store_parameters
 from ..nexus.provenance import now_iso, process_done, record_process
+from ..nexus.safewrite import removing_on_error
 from ..nexus.scanfile import open_scan_file, update_scan_file
 from .framestream import FrameStream, open_frames
 from .parameters import resolve_frame_range, settings_values
@@ -459,7 +460,7 @@ def run(
     if out.resolve() == raw_file.resolve():
         raise PathSafetyError(f"refusing to write the 3-D mask over raw data {raw_file}")
     tmp = out.with_name(out.name + ".part")
-    with open_frames(scan_file, entry) as stream:
+    with removing_on_error(tmp), open_frames(scan_file, entry) as stream:
         nf, ny, nx = stream.shape
         bad = (
             np.asarray(pixel_mask) != 0

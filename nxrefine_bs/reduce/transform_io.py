@@ -29,6 +29,7 @@ from ..geometry import Geometry, reciprocal_parameters
 from ..nexus.codecs import compression_options
 from ..nexus.h5tools import nx_group, read_field, write_external_link, write_field
 from ..nexus.monitors import read_monitor
+from ..nexus.safewrite import removing_on_error
 from .accumulator import Accumulator, polarization_factor
 from .grid import QGrid
 from .parameters import resolve_frame_range
@@ -209,7 +210,7 @@ def write_transform_file(
     shape = grid.shape
     chunks = grid_chunks(shape)
     comp = compression_options(compression)
-    with h5py.File(tmp, "w") as f:
+    with removing_on_error(tmp), h5py.File(tmp, "w") as f:
         f.attrs["default"] = "entry"
         entry = nx_group(f, "entry", "NXentry")
         entry.attrs["default"] = "data"
