@@ -209,6 +209,7 @@ def test_file_readable_with_swmr_while_flying(RE, exp, beamline, setup):
     seen: dict[str, object] = {}
 
     def on_datum(name, doc):
+        print("DOC", name, flush=True)
         if name != "stream_datum" or "subprocess" in seen:
             return
         seen["indices"] = doc["indices"]["stop"]
@@ -219,7 +220,7 @@ def test_file_readable_with_swmr_while_flying(RE, exp, beamline, setup):
         )
         seen["subprocess"] = [int(v) for v in out.stdout.split()]
 
-    RE.subscribe(on_datum)
+    RE.subscribe(on_datum, critical=True)  # reads on the RunEngine thread, mid-flight
     n = 40
     RE(rotation_scan(bl, experiment_dir=exp, **NAMES, phi_start=0, phi_end=20, phi_step=0.5))
     frames, phis, first_sum = seen["subprocess"]
