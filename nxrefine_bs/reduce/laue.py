@@ -246,7 +246,7 @@ def index_operators(
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def _symmetrize_planes(v, n, w, t, l0, l1, out, out_n):  # pragma: no cover - compiled
+def _symmetrize_planes(v, n, w, t, mirror, l0, l1, out, out_n):  # pragma: no cover - compiled
     # Output tiles of TILE^3 voxels, operators outside the voxel loops: for one operator
     # the images of a tile form one tile, so the reads stay in cache even for operators
     # that swap axes (which otherwise read across planes voxel by voxel).
@@ -277,15 +277,13 @@ def _symmetrize_planes(v, n, w, t, l0, l1, out, out_n):  # pragma: no cover - co
                                 sk = bk + ck * ih
                                 sl = bl + cl * ih
                                 if 0 <= sh < nh and 0 <= sk < nk and 0 <= sl < nl:
-                                    mh = nh - 1 - sh
-                                    mk = nk - 1 - sk
-                                    ml = nl - 1 - sl
-                                    acc_v[il - tl, ik - tk, ih - th] += (
-                                        v[sl, sk, sh] + v[ml, mk, mh]
-                                    )
-                                    acc_n[il - tl, ik - tk, ih - th] += (
-                                        n[sl, sk, sh] + n[ml, mk, mh]
-                                    )
+                                    sv = v[sl, sk, sh]
+                                    sn = n[sl, sk, sh]
+                                    if mirror:
+                                        sv += v[nl - 1 - sl, nk - 1 - sk, nh - 1 - sh]
+                                        sn += n[nl - 1 - sl, nk - 1 - sk, nh - 1 - sh]
+                                    acc_v[il - tl, ik - tk, ih - th] += sv
+                                    acc_n[il - tl, ik - tk, ih - th] += sn
                 for il in range(tl, el):
                     for ik in range(tk, ek):
                         for ih in range(th, eh):
@@ -296,6 +294,39 @@ def _symmetrize_planes(v, n, w, t, l0, l1, out, out_n):  # pragma: no cover - co
                                 out_n[il, ik, ih] = sn
 
 
+def _diagonal_split(
+    w: NDArray[np.int64],
+) -> tuple[list[tuple[int, ...]], list[int]] | None:
+    """For a group of signed permutations: flips generating its diagonal subgroup, and
+    one operator per coset of it (indices into ``w``); None for other groups.
+
+    With ``D`` the diagonal (axis-flip) operators of the group ``G = {W} x {1, -1}``,
+    ``sum_G A(g x) = sum_r B(r x)`` with ``B = sum_D A(d x)`` over coset representatives
+    ``r``, because ``D`` is normal in ``G``; and ``B`` follows from one flip-and-add per
+    generator of ``D`` (an elementary abelian 2-group).  Axes are array axes ``[l, k, h]``.
+    """
+    if not all(np.count_nonzero(m, axis=1).max() == 1 for m in w):
+        return None
+    signs = []
+    for m in list(w) + [-m for m in w]:
+        if np.count_nonzero(m - np.diag(np.diag(m))) == 0:
+            signs.append(tuple(int(x) for x in np.diag(m)))
+    span = {(1, 1, 1)}
+    flips = []
+    for sgn in signs:
+        if sgn not in span:
+            span |= {tuple(a * b for a, b in zip(sgn, x, strict=True)) for x in span}
+            flips.append(tuple(2 - i for i in range(3) if sgn[i] < 0))  # (h, k, l) -> axis
+    reps: list[int] = []
+    patterns: list[bytes] = []
+    for i, m in enumerate(w):
+        key = np.abs(m).tobytes()
+        if key not in patterns:
+            patterns.append(key)
+            reps.append(i)
+    return flips, reps
+
+
 def symmetrize(
     v: NDArray[np.floating],
     n: NDArray[np.floating] | None,
@@ -304,6 +335,7 @@ def symmetrize(
     *,
     nthreads: int = 1,
     weights_out: bool = False,
+    overwrite_input: bool = False,
     what: str = "grid",
 ) -> tuple[NDArray[np.float32], NDArray[np.float32] | None]:
     """Laue-symmetrise a volume: ``S = sum_g v(g x) / sum_g n(g x)``.
@@ -322,6 +354,8 @@ def symmetrize(
         Threads over ``l`` planes.
     weights_out : bool
         Also return the symmetrised weight sum.
+    overwrite_input : bool
+        Allow ``v`` and ``n`` (float32, C-contiguous) to be used as work space.
     what : str
         Name of the data for error messages.
 
@@ -339,6 +373,19 @@ def symmetrize(
     w, t = index_operators(group, grid, what=what)
     v = np.ascontiguousarray(v, dtype=np.float32)
     n = (v != 0).astype(np.float32) if n is None else np.ascontiguousarray(n, dtype=np.float32)
+    mirror = True
+    split = _diagonal_split(w)
+    if split is not None:
+        # signed permutations: sum over the axis flips first (whole-array passes), then
+        # over one representative per coset, without mirror reads
+        flips, reps = split
+        if not overwrite_input:
+            v, n = v.copy(), n.copy()
+        for axes in flips:
+            for arr in (v, n):
+                arr += np.flip(arr, axis=axes)
+        w, t = w[reps], t[reps]
+        mirror = False
     out = np.empty(grid.shape, dtype=np.float32)
     out_n = np.empty(grid.shape if weights_out else (0, 0, 0), dtype=np.float32)
     nl = grid.shape[0]
@@ -346,12 +393,12 @@ def symmetrize(
     bounds = np.unique(np.linspace(0, nl, min(nl, 4 * nthreads) + 1).astype(int) // 16 * 16)
     bounds = np.append(bounds[bounds < nl], nl)
     if nthreads == 1:
-        _symmetrize_planes(v, n, w, t, 0, nl, out, out_n)
+        _symmetrize_planes(v, n, w, t, mirror, 0, nl, out, out_n)
     else:
         with ThreadPoolExecutor(nthreads) as pool:
             list(
                 pool.map(
-                    lambda b: _symmetrize_planes(v, n, w, t, b[0], b[1], out, out_n),
+                    lambda b: _symmetrize_planes(v, n, w, t, mirror, b[0], b[1], out, out_n),
                     zip(bounds[:-1], bounds[1:], strict=True),
                 )
             )

@@ -401,7 +401,9 @@ def run(
         )
     times["read"] = time.perf_counter() - t0
     t = time.perf_counter()
-    volume, _ = symmetrize(v, n, group, grid, nthreads=nthreads, what=str(source))
+    volume, _ = symmetrize(
+        v, n, group, grid, nthreads=nthreads, overwrite_input=True, what=str(source)
+    )
     del v, n
     times["symmetrize"] = time.perf_counter() - t
     stages.update()
