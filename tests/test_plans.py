@@ -209,7 +209,6 @@ def test_file_readable_with_swmr_while_flying(RE, exp, beamline, setup):
     seen: dict[str, object] = {}
 
     def on_datum(name, doc):
-        print("DOC", name, flush=True)
         if name != "stream_datum" or "subprocess" in seen:
             return
         seen["indices"] = doc["indices"]["stop"]

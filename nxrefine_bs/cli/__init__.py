@@ -38,6 +38,7 @@ COMMAND_MODULES: list[str] = [
     "nxrefine_bs.cli.calibration",
     "nxrefine_bs.cli.importing",
     "nxrefine_bs.cli.service",
+    "nxrefine_bs.cli.ioc",
 ]
 """Modules providing ``register(subparsers)``; add new sub-command modules here."""
 

@@ -30,7 +30,7 @@ from ..errors import NXRefineBSError
 from ..geometry import Geometry
 from ..simulation.crystal import SimCrystal
 from ..simulation.frames import DetectorModel
-from .detector import SimRotationDetector
+from .detector import RotationPathProvider, SimRotationDetector
 from .goniometer import SimDetectorStage, SimGoniometer
 from .monitors import SimIonChamber, SimTemperatureController
 from .v1 import SimDetectorStageV1, SimGoniometerV1, SimMonitorV1, SimRotationDetectorV1
@@ -66,6 +66,13 @@ class SimBeamlineDevices:
         Temperature controller, or None.
     detector_stage
         Detector translation stage (``x``, ``y``), or None.
+    path_provider
+        The detector's :class:`~nxrefine_bs.devices.detector.RotationPathProvider`
+        (the plans point it at each rotation's file).
+    geometry
+        Configured geometry of the instrument.
+    detector_model
+        Detector model (its ``name`` is the pyFAI name of the start document).
     """
 
     goniometer: Any
@@ -73,6 +80,9 @@ class SimBeamlineDevices:
     monitors: list[Any] = field(default_factory=list)
     temperature: Any | None = None
     detector_stage: Any | None = None
+    path_provider: Any | None = None
+    geometry: Geometry | None = None
+    detector_model: DetectorModel | None = None
 
     @property
     def monitor_names(self) -> list[str]:
@@ -261,8 +271,13 @@ def make_sim_beamline(
         if temperature is not None
         else None
     )
+    provider = (
+        RotationPathProvider(directory_or_path_provider)
+        if isinstance(directory_or_path_provider, (str, os.PathLike))
+        else directory_or_path_provider
+    )
     det = SimRotationDetector(
-        directory_or_path_provider,
+        provider,
         crystal=crystal or default_crystal(seed),
         detector=model,
         geometry=geom,
@@ -282,6 +297,9 @@ def make_sim_beamline(
         monitors=chambers,
         temperature=temp,
         detector_stage=SimDetectorStage(name="detector_stage"),
+        path_provider=provider,
+        geometry=geom,
+        detector_model=model,
     )
     if connect:
         _connect_now(devices)
@@ -317,8 +335,9 @@ def make_sim_beamline_v1(
     goniometer.omega.set(geom.omega).wait()
     goniometer.theta.set(geom.theta).wait()
     chans = [SimMonitorV1(name=m) for m in monitors]
+    provider = RotationPathProvider(directory, detector_name)
     det = SimRotationDetectorV1(
-        directory,
+        provider,
         crystal=crystal or default_crystal(seed),
         detector=model,
         geometry=geom,
@@ -338,4 +357,7 @@ def make_sim_beamline_v1(
         monitors=chans,
         temperature=temp,
         detector_stage=SimDetectorStageV1(name="detector_stage"),
+        path_provider=provider,
+        geometry=geom,
+        detector_model=model,
     )

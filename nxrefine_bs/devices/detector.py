@@ -104,15 +104,36 @@ class RotationPathProvider(PathProvider):
     def __init__(self, directory: str | os.PathLike[str], filename: str = "f1") -> None:
         self.directory = Path(os.path.abspath(directory))
         self.filename = filename
+        self.create_dir_depth = 0
 
-    def set_file(self, path: str | os.PathLike[str]) -> None:
-        """Point the provider at ``path`` (the ``.h5`` extension is dropped)."""
+    def set_file(
+        self, path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None
+    ) -> None:
+        """Point the provider at ``path`` (the ``.h5`` extension is dropped).
+
+        Parameters
+        ----------
+        path : path-like
+            The next file.
+        root : path-like, optional
+            An existing directory above ``path``: the directories between it and the
+            file are created by the detector (``create_dir_depth`` = minus their
+            number, the areaDetector convention); without it nothing is created.
+        """
         p = Path(os.path.abspath(path))
         self.directory = p.parent
         self.filename = p.stem if p.suffix == ".h5" else p.name
+        self.create_dir_depth = 0
+        if root is not None:
+            levels = len(p.parent.relative_to(Path(os.path.abspath(root))).parts)
+            self.create_dir_depth = -levels if levels else 0
 
     def __call__(self, datakey_name: str | None = None) -> PathInfo:
-        return PathInfo(directory_path=PurePath(self.directory), filename=self.filename)
+        return PathInfo(
+            directory_path=PurePath(self.directory),
+            filename=self.filename,
+            create_dir_depth=self.create_dir_depth,
+        )
 
 
 def _as_path_provider(value: PathProvider | str | os.PathLike[str]) -> PathProvider:
@@ -219,45 +240,53 @@ class _FrameEngine:
 
 
 class _TriggerLogic(DetectorTriggerLogic):
-    def __init__(self, detector: SimRotationDetector) -> None:
+    def __init__(self, detector: SimRotationDetector, engine: _FrameEngine) -> None:
         self._det = detector
+        self._engine = engine
 
     async def prepare_internal(self, num: int, livetime: float, deadtime: float) -> None:
         period = livetime + deadtime
         if period <= 0:
             period = await self._det.frame_time.get_value()
-        self._det._engine.frames_per_acquire = int(num)
-        self._det._engine.period = float(period)
-        self._det._exposures_prepared = int(num)
+        self._engine.frames_per_acquire = int(num)
+        self._engine.period = float(period)
+        self._det.exposures_prepared = int(num)
 
     async def default_trigger_info(self) -> TriggerInfo:
         return TriggerInfo()
 
 
 class _AcquireLogic(DetectorAcquireLogic):
-    def __init__(self, detector: SimRotationDetector) -> None:
-        self._det = detector
+    def __init__(self, engine: _FrameEngine) -> None:
+        self._engine = engine
 
     async def start_acquiring(self) -> None:
-        self._det._engine.start()
+        self._engine.start()
 
     async def wait_for_idle(self) -> None:
-        await self._det._engine.wait()
+        await self._engine.wait()
 
     async def ensure_stopped(self) -> None:
-        await self._det._engine.stop()
+        await self._engine.stop()
 
 
 class _DataLogic(DetectorDataLogic):
-    def __init__(self, detector: SimRotationDetector) -> None:
+    def __init__(
+        self,
+        detector: SimRotationDetector,
+        engine: _FrameEngine,
+        set_full_file_name: Callable[[str], None],
+    ) -> None:
         self._det = detector
+        self._engine = engine
+        self._set_full_file_name = set_full_file_name
 
     async def prepare_unbounded(self, datakey_name: str) -> StreamableDataProvider:
         det = self._det
         path = await det.resolve_file_path(datakey_name)
         simulator = await det.make_simulator(path.stem)
-        await det._engine.open(path, simulator, det.compression)
-        det._set_full_file_name(str(path))
+        await self._engine.open(path, simulator, det.compression)
+        self._set_full_file_name(str(path))
         ny, nx = det.detector_model.shape
         resources = [
             StreamResourceInfo(
@@ -293,7 +322,7 @@ class _DataLogic(DetectorDataLogic):
         )
 
     async def stop(self) -> None:
-        await self._det._engine.close()
+        await self._engine.close()
 
     def get_hinted_fields(self, datakey_name: str) -> Sequence[str]:
         return [datakey_name]
@@ -388,7 +417,7 @@ class SimRotationDetector(StandardDetector):
         self.simulator_kwargs = dict(simulator_kwargs or {})
         self.compression = compression
         self.last_simulator: RotationSimulator | None = None
-        self._exposures_prepared = 0
+        self.exposures_prepared = 0
 
         self.file_path = soft_signal_rw(str, "")
         self.file_name = soft_signal_rw(str, "")
@@ -396,11 +425,15 @@ class SimRotationDetector(StandardDetector):
         self.phi_step = soft_signal_rw(float, float(geometry.phi_step), units="deg")
         self.n_frames = soft_signal_rw(int, int(n_frames))
         self.frame_time = soft_signal_rw(float, float(frame_time), units="s")
-        self.full_file_name, self._set_full_file_name = soft_signal_r_and_setter(str, "")
+        self.full_file_name, set_full_file_name = soft_signal_r_and_setter(str, "")
         self.frames_written, set_written = soft_signal_r_and_setter(int, 0)
 
-        self._engine = _FrameEngine(set_written, self._push_monitors)
-        self.add_detector_logics(_TriggerLogic(self), _AcquireLogic(self), _DataLogic(self))
+        engine = _FrameEngine(set_written, self._push_monitors)
+        self.add_detector_logics(
+            _TriggerLogic(self, engine),
+            _AcquireLogic(engine),
+            _DataLogic(self, engine, set_full_file_name),
+        )
         self.add_config_signals(
             self.file_path,
             self.file_name,
@@ -489,7 +522,9 @@ class SimRotationDetector(StandardDetector):
             create_depth = info.create_dir_depth
         path = Path(os.path.abspath(path))
         if not path.parent.is_dir():
-            if create_depth:
+            parts = path.parent.parts
+            keep = len(parts) + create_depth if create_depth < 0 else create_depth + 1
+            if create_depth and Path(*parts[:keep]).is_dir():
                 path.parent.mkdir(parents=True, exist_ok=True)
             else:
                 raise NXRefineBSError(
@@ -506,10 +541,10 @@ class SimRotationDetector(StandardDetector):
         phi_start, phi_step, n_frames = await asyncio.gather(
             self.phi_start.get_value(), self.phi_step.get_value(), self.n_frames.get_value()
         )
-        n = int(n_frames) if n_frames > 0 else max(1, self._exposures_prepared)
-        if n < self._exposures_prepared:
+        n = int(n_frames) if n_frames > 0 else max(1, self.exposures_prepared)
+        if n < self.exposures_prepared:
             raise NXRefineBSError(
-                f"{self.name}: prepared for {self._exposures_prepared} frames but n_frames = {n}"
+                f"{self.name}: prepared for {self.exposures_prepared} frames but n_frames = {n}"
             )
         angles: dict[str, float | None] = {"chi": None, "omega": None, "theta": None}
         if self.goniometer is not None:

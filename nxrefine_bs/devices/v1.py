@@ -101,7 +101,7 @@ compression
 
     def __init__(
         self,
-        directory: str | os.PathLike[str],
+        directory: str | os.PathLike[str] | Any,
         *,
         crystal: SimCrystal,
         detector: DetectorModel,
@@ -121,7 +121,10 @@ compression
                 f"geometry shape {geometry.shape} does not match detector {detector.name!r} "
                 f"shape {detector.shape}"
             )
-        self.directory = Path(os.path.abspath(directory))
+        # A directory, or a path provider (``set_file``/``__call__`` -> PathInfo) that
+        # names the next file, as for the ophyd-async detector.
+        self.path_provider = None if isinstance(directory, (str, os.PathLike)) else directory
+        self.directory = Path(os.path.abspath(directory)) if self.path_provider is None else None
         self.crystal = crystal
         self.detector_model = detector
         self.geometry = geometry
@@ -145,12 +148,20 @@ compression
     # ------------------------------------------------------------------ staging
     def _resolve_path(self) -> Path:
         directory, name = self.file_path.get(), self.file_name.get()
-        path = (
-            Path(directory) / f"{name}.h5"
-            if directory and name
-            else self.directory / f"{self.name}.h5"
-        )
+        create_depth = 0
+        if directory and name:
+            path = Path(directory) / f"{name}.h5"
+        elif self.path_provider is not None:
+            info = self.path_provider(self.name)
+            path = Path(str(info.directory_path)) / f"{info.filename}.h5"
+            create_depth = int(info.create_dir_depth)
+        else:
+            path = Path(self.directory) / f"{self.name}.h5"
         path = Path(os.path.abspath(path))
+        parts = path.parent.parts
+        keep = len(parts) + create_depth if create_depth < 0 else create_depth + 1
+        if create_depth and not path.parent.is_dir() and Path(*parts[:keep]).is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
         if not path.parent.is_dir():
             raise NXRefineBSError(
                 f"{self.name}: directory {path.parent} does not exist; create it first"
