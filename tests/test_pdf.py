@@ -22,6 +22,7 @@ from nxrefine_bs.errors import FileExistsNXError, ReductionError
 from nxrefine_bs.geometry import b_matrix
 from nxrefine_bs.nexus.h5tools import nx_group, write_external_link, write_field
 from nxrefine_bs.nexus.provenance import process_done, read_process, record_process
+from nxrefine_bs.plans.reduction import pdf as pdf_plan
 from nxrefine_bs.plans.reduction import reduce_scan
 from nxrefine_bs.reduce import pdf
 from nxrefine_bs.reduce.fill import fill_holes, fill_mask
@@ -476,7 +477,7 @@ def test_pdf_through_registry_cli_and_plan(tmp_path, dimer, capsys):
     with h5py.File(scan_file, "r") as f:
         assert read_process(f["entry"], "nxpdf")["parameters"]["radius"] == 0.1
     with closing_run_engine(call_returns_result=True) as RE:
-        summary = RE(reduce_scan(scan_file, ["pdf"])).plan_result
+        summary = RE(pdf_plan(scan_file)).plan_result
         assert summary["pdf:entry"]["status"] == "skipped"
         plan = reduce_scan(scan_file, ["pdf"], overwrite=True, laue="-1", radius=0.12)
         summary = RE(plan).plan_result

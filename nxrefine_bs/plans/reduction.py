@@ -37,6 +37,7 @@ __all__ = [
     "prepare_mask",
     "transform",
     "combine",
+    "pdf",
 ]
 
 
@@ -127,3 +128,8 @@ def transform(scan_file: str | os.PathLike[str], entries: Sequence[str] | None =
 def combine(scan_file: str | os.PathLike[str], **kw: Any):
     """Plan: merge the rotations' transforms into ``transform.nxs``."""
     return (yield from reduce_scan(scan_file, ["combine"], None, **kw))
+
+
+def pdf(scan_file: str | os.PathLike[str], **kw: Any):
+    """Plan: 3D-ΔPDF of the combined transform (symmetrise, taper, punch-and-fill, FFT)."""
+    return (yield from reduce_scan(scan_file, ["pdf"], None, **kw))
