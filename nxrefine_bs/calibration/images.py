@@ -73,6 +73,9 @@ def load_image(path: str | os.PathLike[str]) -> NDArray[np.float64]:
         if is_hdf5 or p.suffix.lower() in _HDF5_SUFFIXES:
             import h5py
 
+            from ..nexus.codecs import ensure_plugins
+
+            ensure_plugins()  # compressed images (bitshuffle-LZ4, ...)
             with h5py.File(p, "r") as f:
                 name = dataset or _first_image_dataset(f)
                 if not name:

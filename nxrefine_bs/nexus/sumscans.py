@@ -45,6 +45,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..errors import FileExistsNXError, ScanFileError
 from ..experiment import ScanPaths, validate_name
+from .codecs import ensure_plugins
 from .h5tools import nx_group, read_field, write_field
 from .provenance import record_process
 from .scanfile import check_data_link, locked, open_scan_file, rotation_entries
@@ -132,6 +133,7 @@ def _read_source(scan_file: Path, entry: str) -> _Source:
         link = fe["data"].get("data", getlink=True)
         dataset = link.path if isinstance(link, h5py.ExternalLink) else f"/{entry}/data/data"
         values = _angle_values(fe)
+    ensure_plugins()
     with h5py.File(data_file, "r") as df:
         ds = df[dataset]
         shape = tuple(int(n) for n in ds.shape)
@@ -203,6 +205,7 @@ def _sum_stack(items: list[_Source], target: Path, dataset: str, progress: bool)
     integer = all(item.dtype.kind in "iu" for item in items)
     out_dtype = np.int32 if integer else np.float32
     acc_dtype = np.int64 if integer else np.float64
+    ensure_plugins()  # compressed detector stacks (bitshuffle-LZ4, ...)
     with ExitStack() as stack:
         datasets = []
         for item in items:
