@@ -122,7 +122,7 @@ class BeamlineRunEngine(RunEngine):
         Seconds ``RE(plan)`` waits, after the plan, for critical writers to finish.
     """
 
-    def __init__(self, *args: Any, flush_timeout: float | None = 600.0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, flush_timeout: float | None = 60.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.flush_timeout = flush_timeout
         self._writers: dict[int, Any] = {}
@@ -165,7 +165,12 @@ class BeamlineRunEngine(RunEngine):
         finally:
             for writer in list(self._writers.values()):
                 if not writer.flush(self.flush_timeout):
-                    logger.error("%s: documents still unwritten after the plan", writer)
+                    logger.warning(
+                        "%s is still writing %s s after the plan (is the scan file locked by "
+                        "another program?); it goes on in the background",
+                        type(writer).__name__,
+                        self.flush_timeout,
+                    )
         for writer in list(self._writers.values()):
             new = list(getattr(writer, "errors", ()))[errors_before.get(id(writer), 0) :]
             if new:
