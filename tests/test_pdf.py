@@ -438,9 +438,28 @@ def test_pdf_requires_combine_and_refuses_overwrite(tmp_path, dimer):
         pdf.run(scan_file, method="kriging", overwrite=True)
     with pytest.raises(ReductionError, match="order 1 and epsilon 0"):
         pdf.run(scan_file, order=2, overwrite=True)
+    with pytest.raises(ReductionError, match="order must be 1 or 2"):
+        pdf.run(scan_file, method="matern", order=3, overwrite=True)
     with pytest.raises(ReductionError, match="4/mmm is not a symmetry of the cell"):
         pdf.run(scan_file, laue="4/mmm", overwrite=True, radius=0.1)  # a = 8 but b = 10
     assert not (tmp_path / "300K" / "total_pdf.nxs").exists()
+
+
+def test_pdf_failure_leaves_no_partial_output(tmp_path, dimer, monkeypatch):
+    data, _ = dimer
+    scan_file = write_combined(tmp_path, data, Lattice(*CELL, space_group="P m m m"))
+    before = scan_file.read_bytes()
+
+    def disk_full(*args, **kwargs):  # fault injection after two output files were written
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pdf, "fill_holes", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        pdf.run(scan_file, radius=0.1)
+    assert sorted(p.name for p in (tmp_path / "300K").iterdir()) == ["transform.nxs"]
+    assert scan_file.read_bytes() == before
+    monkeypatch.undo()
+    assert pdf.run(scan_file, radius=0.1)["status"] == "done"
 
 
 def test_pdf_masked_variant_with_matern(tmp_path, dimer):

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from ..errors import DataLinkError, FileExistsNXError, ReductionError
 from ..geometry import reciprocal_parameters
+from ..nexus.codecs import ensure_plugins
 from ..nexus.h5tools import nx_group, read_field, write_external_link, write_field
 from ..nexus.provenance import now_iso, process_done, record_process
 from ..nexus.scanfile import open_scan_file, update_scan_file
@@ -356,6 +357,11 @@ def run(
             "pdf: the Laplace fill has order 1 and epsilon 0; use method='matern' for "
             f"order={order}, epsilon={epsilon}"
         )
+    if int(order) not in (1, 2) or not float(epsilon) >= 0:
+        raise ReductionError(
+            f"pdf: Matérn order must be 1 or 2 and epsilon >= 0, got order={order}, "
+            f"epsilon={epsilon}"
+        )
     radius = float(0.2 if radius is None else radius)
     nthreads = int(nthreads or min(os.cpu_count() or 1, 8))
     start_time = now_iso()
@@ -392,95 +398,101 @@ def run(
     label = f"{sample} {temp:g}K" if isinstance(temp, int | float) else str(sample)
     stages = tqdm(total=5, disable=not progress, desc="pdf", unit="stage")
 
-    # 1. symmetrise
-    grid, v, n = _read_volume(source, where)
-    if any(ax.n % 2 == 0 for ax in grid.axes):
-        raise ReductionError(
-            f"{source}: the PDF needs an odd number of points on every axis, centred on 0 "
-            f"(grid {grid.describe()}); transform on a grid -X..X"
-        )
-    times["read"] = time.perf_counter() - t0
-    t = time.perf_counter()
-    volume, _ = symmetrize(
-        v, n, group, grid, nthreads=nthreads, overwrite_input=True, what=str(source)
-    )
-    del v, n
-    times["symmetrize"] = time.perf_counter() - t
-    stages.update()
-
-    # 2. taper, write the symmetrised volume
-    qmax = float(inscribed_qmax(grid, cell) if taper_qmax is None else taper_qmax)
-    if not qmax > 0:
-        raise ReductionError(f"pdf: qmax must be positive (1/Angstrom), got {qmax}")
-    floor = taper_floor(grid, cell, qmax)
     parts = {k: p.with_name(p.name + ".part") for k, p in outs.items()}
-    t = time.perf_counter()
-    _write_symm(
-        parts["symm"],
-        grid,
-        volume,
-        lambda l0, l1: taper_slab(grid, cell, qmax, floor, l0, l1),
-    )
-    times["write_symm"] = time.perf_counter() - t
-    stages.update()
-
-    # 3. total PDF
-    axes = pdf_axes(grid, cell)
-    t = time.perf_counter()
-    total = pdf_fft(volume, grid, cell, qmax, floor, nthreads=nthreads)
-    times["fft_total"] = time.perf_counter() - t
-    _write_pdf(parts["total"], total, axes, cell, f"{label} Total PDF")
-    del total
-    stages.update()
-
-    # 4. punch and fill
-    t = time.perf_counter()
-    stencil = punch_stencil(grid, cell, radius)
-    half = [s // 2 for s in stencil.shape]
-    hkl, centres, off_grid = reflection_centres(grid, lattice, half)
-    spacing = [
-        ax.step * 2 * math.pi * r
-        for ax, r in zip(grid.axes, reciprocal_parameters(*cell)[:3], strict=True)
-    ][::-1]
-    filled, voxels = fill_holes(
-        volume, centres, stencil, m=int(order), epsilon=float(epsilon), spacing=spacing
-    )
-    symmetrised_fill = False
-    if voxels.size and off_grid == 0:
-        try:
-            volume.reshape(-1)[voxels] = symmetrize_at(
-                volume.reshape(-1)[voxels], voxels, group, grid
+    ensure_plugins()  # combine may have compressed the transform
+    try:
+        # 1. symmetrise
+        grid, v, n = _read_volume(source, where)
+        if any(ax.n % 2 == 0 for ax in grid.axes):
+            raise ReductionError(
+                f"{source}: the PDF needs an odd number of points on every axis, centred on 0 "
+                f"(grid {grid.describe()}); transform on a grid -X..X"
             )
-            symmetrised_fill = True
-        except ReductionError as exc:
-            logger.warning("%s: fill not re-symmetrised: %s", where, exc)
-    times["punch_fill"] = time.perf_counter() - t
-    with h5py.File(parts["symm"], "r+") as sf:
-        grp = sf["entry/data"]
-        grp.create_dataset("fill", data=volume, chunks=_chunks(volume.shape))
-        punch = grp.create_dataset(
-            "punch", shape=volume.shape, dtype=np.float32, chunks=_chunks(volume.shape)
+        times["read"] = time.perf_counter() - t0
+        t = time.perf_counter()
+        volume, _ = symmetrize(
+            v, n, group, grid, nthreads=nthreads, overwrite_input=True, what=str(source)
         )
-        flat = volume.reshape(-1)
-        saved = flat[voxels].copy()
-        flat[voxels] = 0
-        punch[...] = volume
-        flat[voxels] = saved
-        del saved
-    stages.update()
+        del v, n
+        times["symmetrize"] = time.perf_counter() - t
+        stages.update()
 
-    # 5. 3D-ΔPDF
-    t = time.perf_counter()
-    delta = pdf_fft(volume, grid, cell, qmax, floor, nthreads=nthreads)
-    times["fft_pdf"] = time.perf_counter() - t
-    del volume
-    peaks = _strongest(delta, axes)
-    _write_pdf(parts["pdf"], delta, axes, cell, f"{label} 3D-ΔPDF")
-    del delta
-    stages.update()
-    stages.close()
-    for k, p in parts.items():
-        os.replace(p, outs[k])
+        # 2. taper, write the symmetrised volume
+        qmax = float(inscribed_qmax(grid, cell) if taper_qmax is None else taper_qmax)
+        if not qmax > 0:
+            raise ReductionError(f"pdf: qmax must be positive (1/Angstrom), got {qmax}")
+        floor = taper_floor(grid, cell, qmax)
+        t = time.perf_counter()
+        _write_symm(
+            parts["symm"],
+            grid,
+            volume,
+            lambda l0, l1: taper_slab(grid, cell, qmax, floor, l0, l1),
+        )
+        times["write_symm"] = time.perf_counter() - t
+        stages.update()
+
+        # 3. total PDF
+        axes = pdf_axes(grid, cell)
+        t = time.perf_counter()
+        total = pdf_fft(volume, grid, cell, qmax, floor, nthreads=nthreads)
+        times["fft_total"] = time.perf_counter() - t
+        _write_pdf(parts["total"], total, axes, cell, f"{label} Total PDF")
+        del total
+        stages.update()
+
+        # 4. punch and fill
+        t = time.perf_counter()
+        stencil = punch_stencil(grid, cell, radius)
+        half = [s // 2 for s in stencil.shape]
+        hkl, centres, off_grid = reflection_centres(grid, lattice, half)
+        spacing = [
+            ax.step * 2 * math.pi * r
+            for ax, r in zip(grid.axes, reciprocal_parameters(*cell)[:3], strict=True)
+        ][::-1]
+        filled, voxels = fill_holes(
+            volume, centres, stencil, m=int(order), epsilon=float(epsilon), spacing=spacing
+        )
+        symmetrised_fill = False
+        if voxels.size and off_grid == 0:
+            try:
+                volume.reshape(-1)[voxels] = symmetrize_at(
+                    volume.reshape(-1)[voxels], voxels, group, grid
+                )
+                symmetrised_fill = True
+            except ReductionError as exc:
+                logger.warning("%s: fill not re-symmetrised: %s", where, exc)
+        times["punch_fill"] = time.perf_counter() - t
+        with h5py.File(parts["symm"], "r+") as sf:
+            grp = sf["entry/data"]
+            grp.create_dataset("fill", data=volume, chunks=_chunks(volume.shape))
+            punch = grp.create_dataset(
+                "punch", shape=volume.shape, dtype=np.float32, chunks=_chunks(volume.shape)
+            )
+            flat = volume.reshape(-1)
+            saved = flat[voxels].copy()
+            flat[voxels] = 0
+            punch[...] = volume
+            flat[voxels] = saved
+            del saved
+        stages.update()
+
+        # 5. 3D-ΔPDF
+        t = time.perf_counter()
+        delta = pdf_fft(volume, grid, cell, qmax, floor, nthreads=nthreads)
+        times["fft_pdf"] = time.perf_counter() - t
+        del volume
+        peaks = _strongest(delta, axes)
+        _write_pdf(parts["pdf"], delta, axes, cell, f"{label} 3D-ΔPDF")
+        del delta
+        stages.update()
+        stages.close()
+        for k, p in parts.items():
+            os.replace(p, outs[k])
+    except BaseException:
+        for part in parts.values():  # no partial output after a failure
+            part.unlink(missing_ok=True)
+        raise
     times["total"] = time.perf_counter() - t0
     summary = {
         "status": "done",
