@@ -14,6 +14,7 @@ __all__ = [
     "InvalidNameError",
     "PathSafetyError",
     "ExperimentError",
+    "RawDataError",
     "TemplateError",
     "ScanFileError",
     "FileExistsNXError",
@@ -48,6 +49,10 @@ class PathSafetyError(NXRefineBSError, ValueError):
 
 class ExperimentError(NXRefineBSError, ValueError):
     """An experiment directory is missing or malformed."""
+
+
+class RawDataError(ExperimentError):
+    """The raw tree of an import (image directories, images) is missing, malformed or unreadable."""
 
 
 class TemplateError(NXRefineBSError, ValueError):

@@ -47,22 +47,29 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import h5py
 import numpy as np
-from numpy.typing import NDArray
-from tqdm import tqdm
 
-from ..errors import ExperimentError, FileExistsNXError, InvalidNameError, PathSafetyError
+from ..errors import FileExistsNXError, InvalidNameError, PathSafetyError, RawDataError
 from ..experiment import Experiment, ScanPaths, safe_join, validate_name
 from .base import BeamLine
+from .images import IMAGE_SUFFIXES, RawRotation, RawScan, find_images, natural_key, stack_images
+from .qm2_logs import (
+    TEMPERATURE_COLUMN,
+    ImportedRotation,
+    RotationLogs,
+    rotation_logs,
+    write_rotation_logs,
+)
 from .spec import SpecFile, SpecFileError, SpecScan, read_spec
 
 __all__ = [
     "QM2Beamline",
+    # re-exported from .images and .qm2_logs, where they live
     "RawDataError",
     "RotationLogs",
     "RawRotation",
@@ -74,350 +81,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES: tuple[str, ...] = (".cbf", ".tif", ".tiff")
-"""File name endings of the detector images that are stacked (case-insensitive)."""
-
-ROTATION_MOTOR = "phi"
-CHI_MOTOR = "chi"
-THETA_MOTOR = "th"
-MONITOR_COLUMNS: tuple[str, ...] = ("flyc1", "flyc2")
-MONITOR_SIGNAL = "flyc1"
-TEMPERATURE_COLUMN = "sampleT"
-INT32_MAX = int(np.iinfo(np.int32).max)
-
-
-class RawDataError(ExperimentError):
-    """The raw tree of an import is missing, malformed or unreadable."""
-
-
-# --------------------------------------------------------------------------- SPEC logs
-
-
-@dataclass(frozen=True)
-class RotationLogs:
-    """What the SPEC file says about one rotation (one SPEC scan).
-
-    Attributes
-    ----------
-    scan_number : int
-        SPEC scan number.
-    scan_key : str
-        The scan as silx addresses it, ``"<number>.<order>"`` (``"4.2"`` is the second
-        ``#S 4`` of the file).
-    phi : numpy.ndarray
-        Rotation angle of every frame (deg): ``phi_start + phi_step * i``.
-    phi_step, phi_end : float
-        Step per frame and end of the rotation (deg).
-    chi, theta : float or None
-        Goniometer angles in nxrefine-bs convention (``90 - SPEC chi``, ``SPEC th``).
-    monitors : dict
-        Per-frame monitor counts, e.g. ``{'flyc1': ..., 'flyc2': ...}``.
-    columns : dict
-        Every SPEC data column (per frame).
-    temperature : numpy.ndarray or None
-        The ``sampleT`` column.
-    start_time : str or None
-        ISO 8601 date of the scan (SPEC's local time).
-    count_time : float or None
-        Seconds per frame (``#T``).
-    command : str
-        The SPEC scan command.
-    positioners : dict
-        Motor positions at the start of the scan.
-    """
-
-    scan_number: int
-    phi: NDArray[np.float64]
-    phi_step: float
-    phi_end: float
-    chi: float | None
-    theta: float | None
-    monitors: dict[str, NDArray[np.float64]]
-    columns: dict[str, NDArray[np.float64]]
-    temperature: NDArray[np.float64] | None
-    start_time: str | None
-    count_time: float | None
-    command: str
-    positioners: dict[str, float] = field(default_factory=dict)
-    scan_key: str = ""
-
-    @property
-    def nframes(self) -> int:
-        """Number of frames."""
-        return int(self.phi.size)
-
-
-def _phi_from_command(scan: SpecScan) -> tuple[float, float, int] | None:
-    """``(start, end, npoints)`` from ``... phi START END N ...`` in the command."""
-    tokens = scan.command.split()
-    for i, token in enumerate(tokens):
-        if token.lower() != ROTATION_MOTOR:
-            continue
-        try:
-            start, end, count = (float(t) for t in tokens[i + 1 : i + 4])
-        except ValueError:
-            continue
-        if count != int(count) or count < 1:
-            raise SpecFileError(
-                f"{scan.where}: command {scan.command!r} gives {tokens[i + 3]!r} "
-                "points for phi; expected a positive whole number"
-            )
-        return start, end, int(count)
-    return None
-
-
-def rotation_logs(scan: SpecScan, nframes: int | None = None) -> RotationLogs:
-    """Extract the logs of one rotation from its SPEC scan.
-
-    The phi range comes from the command (``<macro> phi START END N ...``: N frames of
-    ``(END - START) / N`` degrees); without one, from a ``phi`` data column.
-
-    Parameters
-    ----------
-    scan : SpecScan
-        The SPEC scan.
-    nframes : int, optional
-        Number of frames (images) expected; every per-frame quantity must match it.
-
-    Raises
-    ------
-    SpecFileError
-        If a data row is malformed (:meth:`SpecScan.check_data`), the phi range cannot
-        be found, the number of frames or data rows differs from ``nframes``, or a
-        monitor column is missing.
-    """
-    scan.check_data()
-    parsed = _phi_from_command(scan)
-    if parsed is not None:
-        start, end, count = parsed
-        step = (end - start) / count
-        if nframes is not None and count != nframes:
-            raise SpecFileError(
-                f"{scan.where}: command {scan.command!r} records {count} phi points, but "
-                f"the image directory holds {nframes} frames"
-            )
-        phi = start + step * np.arange(count, dtype=np.float64)
-    elif scan.has_column(ROTATION_MOTOR) and scan.nrows >= 2:
-        phi = scan.column(ROTATION_MOTOR)
-        step = float(np.median(np.diff(phi)))
-        end = float(phi[-1] + step)
-    else:
-        raise SpecFileError(
-            f"{scan.where}: cannot find the phi range; the command {scan.command!r} has no "
-            f"'{ROTATION_MOTOR} START END N' and there is no '{ROTATION_MOTOR}' data column"
-        )
-    if not step > 0 and not step < 0:
-        raise SpecFileError(f"{scan.where}: the phi step is zero")
-    n = int(phi.size)
-    if nframes is not None and n != nframes:
-        raise SpecFileError(
-            f"{scan.where}: the SPEC scan has {n} phi values but the image directory "
-            f"holds {nframes} frames"
-        )
-    if scan.nrows != n:
-        raise SpecFileError(
-            f"{scan.where}: the SPEC scan has {scan.nrows} data rows for {n} frames; "
-            "was the scan aborted?"
-        )
-    columns = scan.columns()
-    monitors = {}
-    for name in MONITOR_COLUMNS:
-        if scan.has_column(name):
-            monitors[name] = scan.column(name)
-    if MONITOR_SIGNAL not in monitors:
-        raise SpecFileError(
-            f"{scan.where}: no '{MONITOR_SIGNAL}' monitor column; columns: "
-            f"{', '.join(scan.labels) or 'none'}"
-        )
-    chi = theta = None
-    try:
-        chi = 90.0 - scan.positioner(CHI_MOTOR)
-    except SpecFileError:
-        logger.warning("%s: no '%s' position; keeping the configuration's chi", scan.where, "chi")
-    try:
-        theta = scan.positioner(THETA_MOTOR)
-    except SpecFileError:
-        logger.warning("%s: no '%s' position; keeping the configuration's theta", scan.where, "th")
-    temperature = scan.column(TEMPERATURE_COLUMN) if scan.has_column(TEMPERATURE_COLUMN) else None
-    return RotationLogs(
-        scan_number=scan.number,
-        phi=phi,
-        phi_step=float(step),
-        phi_end=float(end),
-        chi=chi,
-        theta=theta,
-        monitors=monitors,
-        columns=columns,
-        temperature=temperature,
-        start_time=scan.start_time,
-        count_time=scan.count_time,
-        command=scan.command,
-        positioners=dict(scan.positioners),
-        scan_key=scan.key,
-    )
-
-
-# --------------------------------------------------------------------------- raw tree
-
-
-def _natural_key(path: Path) -> tuple[Any, ...]:
-    parts = re.split(r"(\d+)", path.name)
-    return tuple(int(p) if p.isdigit() else p for p in parts)
-
-
-@dataclass(frozen=True)
-class RawRotation:
-    """One rotation in the raw tree: a ``<sample>_NNN/`` image directory."""
-
-    scan_number: int
-    directory: Path
-    images: tuple[Path, ...]
-
-
-@dataclass(frozen=True)
-class RawScan:
-    """One raw scan directory ``<sample>/<label>/<scan>/`` and its rotations."""
-
-    scan: str
-    directory: Path
-    rotations: tuple[RawRotation, ...]
-
-
-def find_images(directory: Path) -> tuple[Path, ...]:
-    """Image files of a rotation directory, in natural order (``_2`` before ``_10``)."""
-    return tuple(
-        sorted(
-            (
-                p
-                for p in directory.iterdir()
-                if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)
-            ),
-            key=_natural_key,
-        )
-    )
-
-
-def _read_image(path: Path) -> NDArray[Any]:
-    import fabio
-
-    try:
-        image = fabio.open(str(path))
-        data = np.asarray(image.data)
-    except Exception as exc:  # fabio raises many kinds of errors on bad files
-        raise RawDataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
-    if data.ndim != 2:
-        raise RawDataError(f"image {path} has {data.ndim} dimensions; expected a 2-D frame")
-    return data
-
-
-def stack_images(
-    images: Iterable[Path],
-    target: str | os.PathLike[str],
-    *,
-    shape: tuple[int, int] | None = None,
-    dataset: str = "/entry/data/data",
-    progress: bool = False,
-) -> tuple[int, np.dtype]:
-    """Stack detector images into a new HDF5 file (one frame per chunk).
-
-    Integer images are stored as int32 (unsigned values above the int32 range, such
-    as the all-ones flag of masked pixels, become -1, i.e. invalid); floating-point
-    images as float32.  The caller writes to a temporary name and renames it.
-
-    Parameters
-    ----------
-    images : iterable of Path
-        The frames, in order (CBF or TIFF, read with fabio).
-    target : path-like
-        New HDF5 file (must not exist).
-    shape : tuple of int, optional
-        Expected ``(ny, nx)`` of every image.
-    dataset : str
-        Path of the stack in ``target``.
-    progress : bool
-        Show a progress bar.
-
-    Returns
-    -------
-    tuple
-        ``(number of frames, dtype)``.
-
-    Raises
-    ------
-    RawDataError
-        If an image is unreadable or its shape differs from ``shape`` or the first one.
-    """
-    images = list(images)
-    if not images:
-        raise RawDataError(f"no images to stack into {target}")
-    target = Path(target)
-    first = _read_image(images[0])
-    ny, nx = first.shape
-    if shape is not None and (ny, nx) != tuple(shape):
-        raise RawDataError(
-            f"image {images[0]} is {ny}x{nx} pixels but the configuration's detector is "
-            f"{shape[0]}x{shape[1]}; choose the configuration of this detector"
-        )
-    integer = first.dtype.kind in "iub"
-    dtype = np.dtype(np.int32) if integer else np.dtype(np.float32)
-    clipped = 0
-    with h5py.File(target, "x", libver="latest") as f:
-        ds = f.create_dataset(dataset, shape=(len(images), ny, nx), dtype=dtype, chunks=(1, ny, nx))
-        group = ds.parent
-        if group.name != "/":
-            group.attrs["NX_class"] = "NXdata"
-            group.attrs["signal"] = ds.name.rsplit("/", 1)[-1]
-            if group.parent.name != "/":
-                group.parent.attrs["NX_class"] = "NXentry"
-        for i, path in enumerate(
-            tqdm(images, disable=not progress, desc=target.name, unit="frame")
-        ):
-            data = first if i == 0 else _read_image(path)
-            if data.shape != (ny, nx):
-                raise RawDataError(
-                    f"image {path} is {data.shape[0]}x{data.shape[1]} pixels but the "
-                    f"first image {images[0].name} is {ny}x{nx}"
-                )
-            if integer:
-                if data.dtype.kind == "f":
-                    raise RawDataError(
-                        f"image {path} holds floating-point values but {images[0].name} "
-                        "holds integers"
-                    )
-                if data.dtype.kind == "u" and data.dtype.itemsize >= 4:
-                    big = data > INT32_MAX
-                    if big.any():
-                        clipped += int(big.sum())
-                        data = np.where(big, -1, data)
-                ds[i] = data.astype(np.int32)
-            else:
-                ds[i] = data.astype(np.float32)
-    if clipped:
-        logger.warning(
-            "%s: %d pixel values above the int32 range were stored as -1 (invalid)",
-            target,
-            clipped,
-        )
-    return len(images), dtype
-
-
-# --------------------------------------------------------------------------- beamline
-
-
-@dataclass
-class _Rotation:
-    entry: str
-    raw: RawRotation
-    logs: RotationLogs
-    target: Path
-    dataset: str
-
 
 @dataclass
 class _Job:
     raw: RawScan
     paths: ScanPaths
-    rotations: list[_Rotation]
+    rotations: list[ImportedRotation]
     temperature: float | None
     shape: tuple[int, int]
     spec_file: Path
@@ -549,7 +218,7 @@ class QM2Beamline(BeamLine):
                 continue
             directory = label_dir / name
             rotations = []
-            for sub in sorted(directory.iterdir(), key=_natural_key):
+            for sub in sorted(directory.iterdir(), key=natural_key):
                 match = pattern.match(sub.name)
                 if not sub.is_dir() or match is None:
                     logger.debug("%s: ignoring %s", directory, sub.name)
@@ -711,7 +380,7 @@ class QM2Beamline(BeamLine):
                 raise SpecFileError(f"{exc} (images in {rot.directory}){hint}") from None
             if logs.temperature is not None:
                 temperatures.append(logs.temperature)
-            rotations.append(_Rotation(entry, rot, logs, target, dataset))
+            rotations.append(ImportedRotation(entry, rot, logs, target, dataset))
         temperature = float(np.mean(np.concatenate(temperatures))) if temperatures else None
         if temperature is None:
             logger.warning(
@@ -761,7 +430,7 @@ class QM2Beamline(BeamLine):
                 data_directory=data_dir,
             )
             with update_scan_file(scan_file) as f:
-                _write_logs(f, job)
+                write_rotation_logs(f, job.rotations, job.spec_file)
             for tmp, target in temps.items():
                 if target.exists() and not overwrite:
                     raise FileExistsNXError(
@@ -855,9 +524,6 @@ class QM2Beamline(BeamLine):
         return None if scan is None else scan.start_time
 
 
-# --------------------------------------------------------------------------- writing helpers
-
-
 def _template_links(config_path: Path, entries: Iterable[str]) -> dict[str, tuple[str, str]]:
     """``{entry: (stack file name, dataset path)}`` as create_scan_file will link them."""
     from ..nexus.template import DATA_PATH
@@ -873,81 +539,3 @@ def _template_links(config_path: Path, entries: Iterable[str]) -> dict[str, tupl
             validate_name(filename, "detector file")
             out[entry] = (filename, dataset)
     return out
-
-
-def _safe_key(name: str) -> str:
-    key = re.sub(r"[^0-9A-Za-z_]+", "_", name).strip("_")
-    return key or "column"
-
-
-def _write_logs(f: h5py.File, job: _Job) -> None:
-    from ..nexus.h5tools import nx_group, write_field
-    from ..nexus.provenance import record_process
-
-    starts = [r.logs.start_time for r in job.rotations if r.logs.start_time]
-    if starts:
-        write_field(f["entry"], "start_time", min(starts))
-    for rot in job.rotations:
-        logs = rot.logs
-        fe = f[rot.entry]
-        n = logs.nframes
-        write_field(fe, "scan_number", np.int64(logs.scan_number))
-        if logs.start_time:
-            write_field(fe, "start_time", logs.start_time)
-        inst = nx_group(fe, "instrument", "NXinstrument")
-        gon = nx_group(inst, "goniometer", "NXgoniometer")
-        write_field(
-            gon,
-            "phi",
-            logs.phi,
-            units="degree",
-            attrs={"step": np.float64(logs.phi_step), "end": np.float64(logs.phi_end)},
-        )
-        if logs.chi is not None:
-            write_field(gon, "chi", np.float64(logs.chi), units="degree")
-        if logs.theta is not None:
-            write_field(gon, "theta", np.float64(logs.theta), units="degree")
-        det = nx_group(inst, "detector", "NXdetector")
-        if logs.count_time is not None:
-            write_field(det, "frame_time", np.float64(logs.count_time), units="s")
-        frame_time = float(logs.count_time) if logs.count_time is not None else None
-        data = nx_group(fe, "data", "NXdata")
-        write_field(data, "frame_number", np.arange(n, dtype=np.int32))
-        if frame_time is not None:
-            write_field(
-                data,
-                "frame_time",
-                frame_time * np.arange(n, dtype=np.float64),
-                units="s",
-                attrs={"start": logs.start_time or ""},
-            )
-        mon = nx_group(fe, "monitor", "NXmonitor")
-        for name, values in logs.monitors.items():
-            write_field(mon, name, np.asarray(values, dtype=np.float64))
-        write_field(mon, "frame_number", np.arange(n, dtype=np.int32))
-        mon.attrs["signal"] = MONITOR_SIGNAL
-        mon.attrs["axes"] = "frame_number"
-        collection = nx_group(inst, "logs", "NXcollection")
-        for name, values in logs.columns.items():
-            write_field(collection, _safe_key(name), values, attrs={"spec_label": name})
-        write_field(collection, "spec_command", logs.command)
-        write_field(collection, "spec_scan", logs.scan_key)
-        write_field(collection, "spec_file", str(job.spec_file))
-        positions = nx_group(collection, "positioners", "NXcollection")
-        for name, value in logs.positioners.items():
-            write_field(positions, _safe_key(name), np.float64(value), attrs={"spec_name": name})
-        record_process(
-            fe,
-            "nxlink",
-            parameters={
-                "spec_scan_number": logs.scan_number,
-                "spec_scan": logs.scan_key,
-                "images": str(rot.raw.directory),
-                "frames": n,
-            },
-            summary={
-                "frames": n,
-                "monitors": sorted(logs.monitors),
-                "stack": rot.target.name,
-            },
-        )
