@@ -503,3 +503,30 @@ def test_pdf_through_registry_cli_and_plan(tmp_path, dimer, capsys):
     assert summary["pdf:entry"]["laue"] == "-1"
     with h5py.File(scan_file, "r") as f:
         assert read_process(f["entry"], "nxpdf")["parameters"]["radius"] == 0.12
+
+
+def test_pdf_on_the_simulators_combined_scan(tmp_path):
+    """End to end on the project's simulator: transform -> combine -> pdf."""
+    from nxrefine_bs.reduce import combine, transform
+    from nxrefine_bs.simulation.scan import make_simulated_scan
+
+    sim = make_simulated_scan(tmp_path, n_frames=40, write_truth_orientation=True, omegas=(0, 15))
+    grid = {"qh": (-3, 0.1, 3), "qk": (-3, 0.1, 3), "ql": (-3, 0.1, 3)}
+    for entry in ("f1", "f2"):
+        transform.run(sim.scan_file, entry, **grid)
+    combine.run(sim.scan_file)
+    res = pdf.run(sim.scan_file)
+    assert res["status"] == "done" and res["reflections"] > 0
+    with h5py.File(sim.scan_file, "r") as f:
+        e = f["entry"]
+        assert process_done(e, "nxpdf")
+        delta = e["pdf/pdf"][()]
+        sym = e["symm_transform/data"][()]
+        punched = e["symm_transform/punch"][()]
+        filled = e["symm_transform/fill"][()]
+    assert delta.shape == (60, 60, 60) and np.all(np.isfinite(delta))
+    holes = punched != filled
+    assert holes.any() and np.all(punched[holes] == 0)
+    # the Bragg peaks of the simulated crystal sat in the holes; the fill is far below
+    assert sym[holes].max() > 20 * filled[holes].max()
+    assert (sim.scan_dir / "pdf.nxs").is_file()
