@@ -20,6 +20,7 @@ __all__ = [
     "FileExistsNXError",
     "BeamlineNotFoundError",
     "MetadataError",
+    "DeviceConnectionError",
     "WriterError",
     "DataLinkError",
     "ReductionError",
@@ -108,3 +109,7 @@ class CalibrationQualityError(CalibrationError):
 
 class WorkflowError(NXRefineBSError, RuntimeError):
     """Queuing, executing or tracking reduction work failed."""
+
+
+class DeviceConnectionError(NXRefineBSError, ConnectionError):
+    """Beamline devices (EPICS PVs) did not connect; the message names the PVs."""

@@ -1,0 +1,192 @@
+"""ophyd-async EPICS devices over Channel Access against the simulated beamline IOC.
+
+The ``ioc`` fixture starts ``nxrefine-bs ioc`` as a subprocess serving Channel Access on
+127.0.0.1 at a free port (``EPICS_CA_SERVER_PORT``; the client looks only there), waits
+until a PV answers, and stops it at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from nxrefine_bs.callbacks.nexus_writer import NeXusScanWriter
+from nxrefine_bs.callbacks.reduction import PostScanReduction
+from nxrefine_bs.devices import make_sim_beamline
+from nxrefine_bs.devices.beamline import default_geometry, detector_model
+from nxrefine_bs.devices.epics import connect_epics_beamline, make_epics_beamline
+from nxrefine_bs.devices.protocols import (
+    FlyingAxis,
+    FlyingDetector,
+    RotationBeamline,
+    RotationStage,
+    TemperatureController,
+)
+from nxrefine_bs.errors import DeviceConnectionError
+from nxrefine_bs.ioc.motor import MotionProfile
+from nxrefine_bs.plans import temperature_series
+
+SHAPE = (96, 128)
+NAMES = {"sample": "Si", "label": "xtal1"}
+PHI = {"phi_start": 0.0, "phi_end": 40.0, "phi_step": 1.0}  # 40 frames per rotation
+FRAME_TIME = 0.02
+TEMPERATURES = (300.0, 290.0, 280.0)
+PARAMS = {"threshold": 50.0, "min_pixels": 2, "first": 0}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def ioc():
+    """The simulated IOC on 127.0.0.1:<free port>; yields its prefix."""
+    port = _free_port()
+    env = {
+        "EPICS_CA_SERVER_PORT": str(port),
+        "EPICS_CA_REPEATER_PORT": str(_free_port()),
+        "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1",
+        "EPICS_CA_ADDR_LIST": "127.0.0.1",
+        "EPICS_CA_AUTO_ADDR_LIST": "NO",
+        "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1",
+        "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
+    }
+    os.environ.update(env)  # the CA client of this process reads them once
+    prefix = "NXTEST:"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nxrefine_bs.cli", "ioc", "--prefix", prefix, "--shape", "96,128"],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    from caproto.sync.client import read
+
+    deadline = time.monotonic() + 120
+    try:
+        while True:  # wait until the detector state PV answers
+            if proc.poll() is not None:
+                raise RuntimeError(f"IOC exited: {proc.stdout.read() if proc.stdout else ''}")
+            try:
+                read(f"{prefix}DET:cam1:DetectorState_RBV", timeout=0.5)
+                break
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise
+        yield prefix
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def epics_beamline(exp: Path, prefix: str):
+    model = detector_model("small", SHAPE)
+    return make_epics_beamline(
+        exp, prefix=prefix, geometry=default_geometry(model), detector_model=model
+    )
+
+
+def run_series(RE, devices, exp: Path) -> tuple[list[str], PostScanReduction]:
+    RE.subscribe(NeXusScanWriter())
+    reduction = PostScanReduction(("max", "find"), params=PARAMS)
+    RE.subscribe(reduction)
+    uids = RE(
+        temperature_series(
+            devices, TEMPERATURES, experiment_dir=exp, **NAMES, frame_time=FRAME_TIME, **PHI
+        )
+    )
+    results = reduction.wait(timeout=120)
+    reduction.close()
+    assert [r.ok for r in results] == [True] * len(TEMPERATURES), reduction.errors
+    return uids, reduction
+
+
+def peaks(scan_file: Path) -> np.ndarray:
+    with h5py.File(scan_file, "r") as f:
+        return np.stack([f[f"f1/peaks/{k}"][()] for k in ("x", "y", "z")], axis=1)
+
+
+def test_motion_profile_is_continuous():
+    p = MotionProfile.move(0.0, 10.0, velocity=5.0, accel_time=0.5, t0=0.0)
+    t = np.linspace(0, p.duration, 500)
+    x = np.array([p.position(v) for v in t])
+    assert np.all(np.diff(x) >= 0) and x[-1] == 10.0
+    assert p.position(1.0) == pytest.approx(0.5 * 10.0 * 0.5**2 + 5.0 * 0.5)  # ramp + cruise
+    short = MotionProfile.move(0.0, -0.1, velocity=5.0, accel_time=0.5, t0=0.0)
+    assert short.position(short.duration) == -0.1 and short.duration < 1.0
+
+
+def test_series_over_channel_access_matches_in_process(RE, experiment, ioc, tmp_path):
+    exp = experiment.directory
+    devices = epics_beamline(exp, ioc)
+    from bluesky.run_engine import call_in_bluesky_event_loop
+
+    call_in_bluesky_event_loop(connect_epics_beamline(devices, timeout=10.0))
+    assert isinstance(devices, RotationBeamline)
+    assert isinstance(devices.detector, FlyingDetector)
+    assert isinstance(devices.goniometer, RotationStage)
+    assert isinstance(devices.goniometer.phi, FlyingAxis)
+    assert isinstance(devices.temperature, TemperatureController)
+    uids, _ = run_series(RE, devices, exp)
+    assert len(uids) == 3
+    sample_dir = exp / NAMES["sample"] / NAMES["label"]
+    for t in TEMPERATURES:
+        scan = f"{int(t)}K"
+        scan_file = sample_dir / f"{NAMES['sample']}_{scan}.nxs"
+        raw = sample_dir / scan / "f1.h5"
+        with h5py.File(raw, "r") as f:  # written by the IOC
+            assert f["/entry/data/data"].shape == (40, *SHAPE)
+            phi = f["/entry/instrument/NDAttributes/phi"][()]
+            np.testing.assert_allclose(phi, np.arange(40), atol=0.5)  # the motor flew
+            assert np.all(f["/entry/instrument/NDAttributes/MCS1"][()] > 1000)
+        with h5py.File(scan_file, "r") as f:
+            link = f["f1/data"].get("data", getlink=True)
+            assert isinstance(link, h5py.ExternalLink)
+            assert not os.path.isabs(link.filename) and link.filename.endswith("f1.h5")
+            assert f["f1/data/data"].shape == (40, *SHAPE)
+            logs = f["f1/instrument/logs"]
+            key = next(k for k in logs if k.startswith("temperature"))
+            assert abs(float(logs[key][-1]) - t) < 1.0, (key, logs[key][()])
+    over_ca = peaks(sample_dir / "Si_300K.nxs")
+    assert len(over_ca) >= 3
+
+    # The same series with the in-process simulated devices finds the same peaks.
+    from nxrefine_bs.experiment import Experiment
+
+    sim_exp = Experiment.create(tmp_path / "analysis-sim", "exp", beamline="sim").directory
+    sim = make_sim_beamline(
+        sim_exp, detector="small", shape=SHAPE, frame_time=FRAME_TIME, seed=0,
+        temperature_time_constant=0.01,
+    )  # fmt: skip
+    run_series(RE, sim, sim_exp)
+    in_process = peaks(sim_exp / NAMES["sample"] / NAMES["label"] / "Si_300K.nxs")
+    assert abs(len(in_process) - len(over_ca)) <= max(1, len(in_process) // 5)
+    matched = 0
+    for x, y, z in in_process:
+        d = np.abs(over_ca - (x, y, z))
+        matched += bool(np.any((d[:, 0] < 1.5) & (d[:, 1] < 1.5) & (d[:, 2] < 1.5)))
+    assert matched >= 0.8 * len(in_process), (in_process, over_ca)
+
+
+def test_down_ioc_is_a_clean_error_naming_the_pvs(experiment, ioc):
+    import asyncio
+
+    devices = epics_beamline(experiment.directory, "NOSUCHIOC:")
+    named = r"NOSUCHIOC:chi\.ACCL.*NOSUCHIOC:TC:SP"
+    with pytest.raises(DeviceConnectionError, match=named) as info:
+        asyncio.run(connect_epics_beamline(devices, timeout=0.5))
+    assert "IOC running" in str(info.value)
