@@ -13,6 +13,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ..errors import CalibrationError
+from ..nexus.entries import rotation_entries
 from .result import CalibrationResult
 
 __all__ = [
@@ -29,12 +30,8 @@ POLARIZATION_FACTOR = 0.99
 """Polarization factor of the ``instrument/detector/polarization`` array (horizontal beam)."""
 
 
-def entry_names(h5file: Any) -> list[str]:
-    """Names of the ``fN`` entries of an open file, in numeric order."""
-    import re
-
-    names = [n for n in h5file if re.fullmatch(r"f\d+", n)]
-    return sorted(names, key=lambda n: int(n[1:]))
+entry_names = rotation_entries
+"""The rotation entries of an open file (:func:`nxrefine_bs.nexus.entries.rotation_entries`)."""
 
 
 def resolve_entries(

@@ -38,6 +38,8 @@ from ..errors import (
     ScanFileError,
 )
 from ..experiment import EXPERIMENT_SUBDIRS, ScanPaths
+from .entries import rotation_entries
+from .geometry_io import read_geometry
 from .safewrite import LOCK_TIMEOUT, atomic_update, fsync_path, locked
 from .template import DATA_PATH, read_configuration
 
@@ -110,35 +112,6 @@ def _open_retrying(
 
 def _now() -> str:
     return datetime.now().astimezone().isoformat()
-
-
-def _entry_key(name: str) -> tuple[str, int]:
-    stem = name.rstrip("0123456789")
-    return stem, int(name[len(stem) :])
-
-
-def rotation_entries(h5file: str | os.PathLike[str] | h5py.Group) -> list[str]:
-    """Names of the rotation entries (ending in a digit), sorted numerically.
-
-    Parameters
-    ----------
-    h5file : path-like or h5py.Group
-        A scan file, configuration or open h5py file.
-
-    Returns
-    -------
-    list of str
-        E.g. ``['f1', 'f2', 'f10']``.
-    """
-    if isinstance(h5file, h5py.Group):
-        names = [k for k in h5file if k[-1:].isdigit()]
-        return sorted(names, key=_entry_key)
-    path = Path(h5file)
-    try:
-        with h5py.File(path, "r") as f:
-            return rotation_entries(f)
-    except OSError as exc:
-        raise ScanFileError(f"cannot read {path}: {exc}") from exc
 
 
 def _relative(target: Path, start: Path) -> str:
@@ -433,10 +406,3 @@ def check_data_link(scan_file: str | os.PathLike[str], entry: str) -> Path:
     except OSError as exc:
         raise DataLinkError(f"{scan_file}: cannot read linked file {target}: {exc}") from exc
     return target
-
-
-def read_geometry(entry: h5py.Group) -> Any:
-    """Geometry of a rotation entry; see :func:`nxrefine_bs.nexus.geometry_io.read_geometry`."""
-    from .geometry_io import read_geometry as _read_geometry
-
-    return _read_geometry(entry)

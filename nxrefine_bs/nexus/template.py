@@ -39,6 +39,7 @@ from .. import __version__
 from ..errors import FileExistsNXError, TemplateError
 from ..geometry import HC_KEV_ANGSTROM, GeometryError, orientation_matrix
 from ..settings import get_spec
+from .entries import rotation_entries
 from .geometry_io import read_geometry, write_pyfai_parameters
 
 __all__ = [
@@ -441,16 +442,6 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def _rotation_names(f: h5py.File) -> list[str]:
-    names = [k for k in f if k[-1:].isdigit() and isinstance(f[k], h5py.Group)]
-
-    def key(name: str) -> tuple[str, int]:
-        stem = name.rstrip("0123456789")
-        return stem, int(name[len(stem) :])
-
-    return sorted(names, key=key)
-
-
 def read_configuration(path: str | os.PathLike[str]) -> ConfigurationInfo:
     """Read and validate a configuration template.
 
@@ -483,7 +474,7 @@ def read_configuration(path: str | os.PathLike[str]) -> ConfigurationInfo:
 
 
 def _read_configuration(f: h5py.File, path: Path) -> ConfigurationInfo:
-    entries = _rotation_names(f)
+    entries = rotation_entries(f)
     if "entry" not in f or not entries:
         raise TemplateError(
             f"{path} is not a configuration: it needs /entry and rotation entries /f1..."

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import FileExistsNXError, ReductionError
+from ..nexus.entries import rotation_entries
 from ..nexus.geometry_io import read_cell, read_orientation
 from ..nexus.h5tools import read_field
 from ..nexus.provenance import now_iso, process_done, record_process
@@ -39,16 +40,10 @@ from .transform import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run", "rotation_entries", "check_settings"]
+__all__ = ["run", "check_settings"]
 
 SETTING_ANGLE = 5.0
 """Degrees: orientations closer than this after a lattice rotation are compared as settings."""
-
-
-def rotation_entries(f: h5py.File) -> list[str]:
-    """Names of the rotation entries ``f1, f2, ...`` in numerical order."""
-    names = [k for k in f if k[:1] == "f" and k[1:].isdigit() and isinstance(f[k], h5py.Group)]
-    return sorted(names, key=lambda k: int(k[1:]))
 
 
 def check_settings(f: h5py.File, entries: list[str], where: str) -> None:

@@ -29,6 +29,7 @@ from numpy.typing import NDArray
 
 from ..errors import IndexingError, ScanFileError
 from ..geometry import Geometry
+from ..nexus.entries import rotation_entries
 from ..nexus.geometry_io import read_orientation
 from ..nexus.scanfile import find_parent, open_scan_file
 from .lattice import Lattice, LatticeError, read_lattice
@@ -68,11 +69,6 @@ class References:
         return self.orientations[0] if self.orientations else None
 
 
-def _rotation_names(f: h5py.File) -> list[str]:
-    names = [k for k in f if k[:1] == "f" and k[1:].isdigit() and isinstance(f[k], h5py.Group)]
-    return sorted(names, key=lambda k: int(k[1:]))
-
-
 def _orientations(f: h5py.File, names: list[str], label: str) -> list[Orientation]:
     out = []
     for name in names:
@@ -98,7 +94,7 @@ def reference_orientations(scan_file: Path, entry: str) -> References:
     if parent is not None and Path(parent).resolve() != Path(scan_file).resolve():
         try:
             with open_scan_file(parent) as f:
-                names = _rotation_names(f)
+                names = rotation_entries(f)
                 label = f"parent {Path(parent).name}:"
                 refs += _orientations(f, [entry] if entry in names else [], label)
                 parent_refs = _orientations(f, [n for n in names if n != entry], label)
@@ -110,7 +106,7 @@ def reference_orientations(scan_file: Path, entry: str) -> References:
         except (OSError, KeyError) as exc:
             logger.warning("cannot read parent %s of %s: %s", parent, scan_file, exc)
     with open_scan_file(scan_file) as f:
-        refs += _orientations(f, [n for n in _rotation_names(f) if n != entry], "")
+        refs += _orientations(f, [n for n in rotation_entries(f) if n != entry], "")
     return References(tuple(refs + parent_refs), parent_lattice)
 
 
@@ -121,7 +117,7 @@ def sibling_reference(f: h5py.File, entry: str) -> Orientation | None:
     two rotations refined at the same time the later writer joins the earlier one's
     setting.
     """
-    found = _orientations(f, [n for n in _rotation_names(f) if n != entry], "")
+    found = _orientations(f, [n for n in rotation_entries(f) if n != entry], "")
     return found[0] if found else None
 
 

@@ -17,9 +17,9 @@ import h5py
 from sqlalchemy.orm import Session
 
 from ..errors import WorkflowError
+from ..nexus.entries import rotation_entries
 from ..nexus.provenance import process_done, read_process
 from ..nexus.scanfile import open_scan_file
-from ..nexus.scanfile import rotation_entries as _rotation_entries
 from ..reduce.steps import STEPS, Step
 from .database import WorkflowDB
 from .schema import SCAN_ENTRY, Status, parse_iso
@@ -34,11 +34,6 @@ __all__ = [
     "sync_file",
     "sync_from_files",
 ]
-
-
-def rotation_entries(h5file: h5py.File) -> list[str]:
-    """Rotation entries ``f1``, ``f2``... of an open scan file, in numeric order."""
-    return list(_rotation_entries(h5file))
 
 
 def scan_targets(step: Step, entries: Iterable[str]) -> list[str]:
