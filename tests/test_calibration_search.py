@@ -20,8 +20,8 @@ import pytest
 
 from nxrefine_bs.calibration import calibrate_powder, nxrefine_to_poni, simulate_powder_image
 from nxrefine_bs.calibration.convert import get_calibrant, get_detector
+from nxrefine_bs.calibration.fit import PixelModel
 from nxrefine_bs.calibration.quality import unexplained_rings
-from nxrefine_bs.calibration.refine import _Model
 from nxrefine_bs.calibration.search import find_centres
 from nxrefine_bs.errors import CalibrationError, CalibrationQualityError
 
@@ -156,7 +156,7 @@ def test_search_finds_the_centre_of_arcs():
 def test_model_is_pyfai_geometry():
     """The vectorised 2-theta of the least squares is pyFAI's own ``Geometry.tth``."""
     det = get_detector("Eiger 1M")
-    model = _Model(det, np.ones(det.shape, bool))
+    model = PixelModel(det, np.ones(det.shape, bool))
     rng = np.random.default_rng(0)
     rows, cols = rng.uniform(0, 1000, 300), rng.uniform(0, 1000, 300)
     for param in ([0.2, 0.04, 0.03, 0.03, -0.02, 0.1], [0.1, 0.01, 0.07, -0.035, 0.02, 0.0]):

@@ -140,7 +140,7 @@ def find_centres(
 
     Pixels that stand out of the smooth background (the rings) are taken from the binned
     image.  Every point of a coarse grid covering the detector and a ``margin`` about it is
-    scored by :func:`_concentration` with bins as wide as the grid step; the ``n`` best local
+    scored by :func:`_concentration` with bins twice the grid step; the ``n`` best local
     maxima are then refined on finer and finer grids (step / 3 each time, down to a tenth
     of a binned pixel).  Unlike a symmetry test this works for partial rings too (the beam
     near an edge, or only arcs of large rings on the detector).
@@ -178,17 +178,18 @@ def find_centres(
         pick = np.random.default_rng(0).choice(rows.size, max_pixels, replace=False)
         rows, cols, weight = rows[pick], cols[pick], weight[pick]
     ny, nx = (image.shape[0] // b, image.shape[1] // b)
-    step = max(2.0, max(ny, nx) / 32.0)
+    step = max(2.0, max(ny, nx) / 48.0)
     gy = np.arange(-margin * ny, (1 + margin) * ny, step)
     gx = np.arange(-margin * nx, (1 + margin) * nx, step)
     cy, cx = (a.ravel() for a in np.meshgrid(gy, gx, indexing="ij"))
     coarse = min(rows.size, 1500)  # a (random) subset is enough on the coarse grid
-    score = _concentration(rows[:coarse], cols[:coarse], weight[:coarse], cy, cx, step)
+    # bins twice the grid step: the true centre's basin is wider than the grid's spacing
+    score = _concentration(rows[:coarse], cols[:coarse], weight[:coarse], cy, cx, 2.0 * step)
     score = score.reshape(gy.size, gx.size)
     local = (score == ndimage.maximum_filter(score, size=5)) & (score > 0)
     iy, ix = np.nonzero(local)
     out = []
-    for k in np.argsort(score[iy, ix])[::-1][:n]:
+    for k in np.argsort(score[iy, ix])[::-1][: 2 * n]:
         y, x, s = float(gy[iy[k]]), float(gx[ix[k]]), step
         best = float(score[iy[k], ix[k]])
         while s > 0.25:
@@ -198,7 +199,11 @@ def find_centres(
             c = _concentration(rows, cols, weight, y + oy, x + ox, max(4.0 * s, 0.5))
             j = int(np.argmax(c))
             y, x, best = y + float(oy[j]), x + float(ox[j]), float(c[j])
-        out.append((x * b + (b - 1) / 2, y * b + (b - 1) / 2, best))
+        centre = (x * b + (b - 1) / 2, y * b + (b - 1) / 2, best)
+        if all(math.hypot(centre[0] - o[0], centre[1] - o[1]) > 2.0 * b for o in out):
+            out.append(centre)  # two maxima of one basin end on the same centre
+        if len(out) >= n:
+            break
     out.sort(key=lambda c: -c[2])
     return out
 
