@@ -2,8 +2,8 @@
 
 The work: the real reduction (max, find, refine, prepare, transform, combine) of
 ``--scans`` simulated scans of ``--rotations`` rotations each (seeded, 360 frames of
-195 x 235 pixels, written once into a temporary directory), every step redone
-(``overwrite``) in each repeat.
+195 x 235 pixels, written once into a temporary directory); before each run the scan
+files are restored as simulated and every step is redone (``overwrite``).
 
 * yardstick -- the same graph run serially in this process (``run_scan_steps`` scan
   after scan, one thread);
@@ -60,10 +60,19 @@ def make_data(root: Path, scans: int, rotations: int) -> list[Path]:
     from nxrefine_bs.simulation.scan import make_simulated_scan
 
     omegas = tuple(float(30 * i) for i in range(rotations))
-    return [
+    files = [
         make_simulated_scan(root, scan=f"{100 + 10 * i}K", omegas=omegas, seed=i).scan_file
         for i in range(scans)
     ]
+    for f in files:
+        shutil.copy2(f, f.with_suffix(".pristine"))
+    return files
+
+
+def restore(files: list[Path]) -> None:
+    """Every scan file as simulated (a rerun must not start from the last run's geometry)."""
+    for f in files:
+        shutil.copy2(f.with_suffix(".pristine"), f)
 
 
 def combined(files: list[Path]) -> list[np.ndarray]:
@@ -113,6 +122,7 @@ def concurrency(spans: list[tuple[float, float]], t0: float, t1: float) -> dict[
 def run_serial(db, files: list[Path]) -> float:
     from nxrefine_bs.workflow import run_scan_steps
 
+    restore(files)
     t0 = time.perf_counter()
     for f in files:
         result = run_scan_steps(f, STEPS, None, PARAMS, db, overwrite=True)
@@ -168,6 +178,7 @@ def run_dask(db, files: list[Path], address: str) -> float:
 
     with DaskExecutor(address) as ex:
         queue = ReductionQueue(db, ex)
+        restore(files)
         t0 = time.perf_counter()
         queue.submit(files, steps=STEPS, overwrite=True, params=PARAMS)
         results = queue.wait()

@@ -298,11 +298,16 @@ def test_graph_comes_from_the_step_registry(tmp_path):
     assert len(tasks) == 2 * (5 * 3 + 2) - 1 and len(by_key) == len(tasks)
     assert set(by_key["find-sim_100K-f1-t0"].deps) == {"max-sim_100K-f1-t0"}
     assert by_key["find-sim_100K-f2-t0"].deps == ()
-    # refine: its own find, the first rotation's refine, the parent's refine
-    assert set(by_key["refine-sim_200K-f2-t0"].deps) == {
-        "find-sim_200K-f2-t0", "refine-sim_200K-f1-t0", "refine-sim_100K-f2-t0"
+    # max of f2... reads f1's transmission
+    assert by_key["max-sim_100K-f3-t0"].deps == ("max-sim_100K-f1-t0",)
+    # refine: its own find, the previous rotation's refine, the parent's refine
+    assert set(by_key["refine-sim_200K-f3-t0"].deps) == {
+        "find-sim_200K-f3-t0", "refine-sim_200K-f2-t0", "refine-sim_100K-f3-t0"
     }  # fmt: skip
-    assert set(by_key["prepare-sim_100K-f3-t0"].deps) == {"refine-sim_100K-f3-t0"}
+    # prepare and transform read the lattice every rotation's refine rewrites
+    refines = {f"refine-sim_100K-f{i}-t0" for i in (1, 2, 3)}
+    assert set(by_key["prepare-sim_100K-f3-t0"].deps) == refines
+    assert set(by_key["transform-sim_100K-f1-t0"].deps) == refines
     assert set(by_key["combine-sim_100K-t0"].deps) == {
         f"transform-sim_100K-f{i}-t0" for i in (1, 2, 3)
     }

@@ -49,9 +49,18 @@ class Step:
     requires : tuple of str
         Steps that must be done first (on the same entry, or on every rotation entry
         for per-scan steps).
+    requires_all : tuple of str
+        Steps that must be done on *every* rotation entry first, because this step
+        reads a result they share (``transform`` reads the lattice in ``entry/sample``
+        that each rotation's ``refine`` rewrites).
     from_first : bool
-        Per-entry step whose run on ``f2``... starts from its own result on the first
-        rotation (``refine``: the orientation of ``f1``), so it waits for it.
+        Per-entry step whose run on ``f2``... reads its own result on the first
+        rotation (``max``: the transmission of ``f1`` normalises the others'), so it
+        waits for it.
+    in_order : bool
+        Per-entry step run on the rotations one after another, each starting from the
+        previous one's result (``refine``: the orientation and the lattice in
+        ``entry/sample``), so ``fN`` waits for ``f(N-1)``.
     from_parent : bool
         Step whose run on a child scan starts from its result on the parent scan's
         same entry (``refine``), so it waits for it.
@@ -64,7 +73,9 @@ class Step:
     target: str
     per_entry: bool = True
     requires: tuple[str, ...] = ()
+    requires_all: tuple[str, ...] = ()
     from_first: bool = False
+    in_order: bool = False
     from_parent: bool = False
     memory_heavy: bool = False
 
@@ -82,14 +93,14 @@ class Step:
 STEPS: dict[str, Step] = {
     s.name: s
     for s in (
-        Step("max", "nxmax", "nxrefine_bs.reduce.maximum:run"),
+        Step("max", "nxmax", "nxrefine_bs.reduce.maximum:run", from_first=True),
         Step("find", "nxfind", "nxrefine_bs.reduce.peaks:run", requires=("max",)),
         Step(
             "refine",
             "nxrefine",
             "nxrefine_bs.reduce.refine:run",
             requires=("find",),
-            from_first=True,
+            in_order=True,
             from_parent=True,
         ),
         Step(
@@ -97,6 +108,7 @@ STEPS: dict[str, Step] = {
             "nxprepare_mask",
             "nxrefine_bs.reduce.mask3d:run",
             requires=("refine",),
+            requires_all=("refine",),
             memory_heavy=True,
         ),
         Step(
@@ -104,6 +116,7 @@ STEPS: dict[str, Step] = {
             "nxtransform",
             "nxrefine_bs.reduce.transform:run",
             requires=("refine",),
+            requires_all=("refine",),
             memory_heavy=True,
         ),
         Step(

@@ -1,12 +1,14 @@
 """The reduction graph: one task per (scan, entry, step), with its dependencies.
 
 The graph comes from the step registry (:data:`~nxrefine_bs.reduce.steps.STEPS`):
-``Step.requires`` names the steps a step needs, ``Step.per_entry`` says whether it
+``Step.requires`` (and ``requires_all``: on every entry) names the steps a step needs,
+``Step.per_entry`` says whether it
 runs per rotation or once per scan.  A requirement of a per-entry step on a
 per-entry step is the same entry; a per-scan step needs the requirement on every
-entry.  A ``from_first`` step (``refine``) on ``f2``... also needs itself on the first
-rotation, and a ``from_parent`` step (``refine``) of a child scan needs itself on the
-parent scan's same entry; ``memory_heavy`` steps ask the executor for a memory slot.
+entry.  A ``from_first`` step (``max``) on ``f2``... also needs itself on the first
+rotation, an ``in_order`` step (``refine``) on ``fN`` needs itself on ``f(N-1)``, and a
+``from_parent`` step (``refine``) of a child scan needs itself on the parent scan's same
+entry; ``memory_heavy`` steps ask the executor for a memory slot.
 Nothing is hard-coded about which steps exist: a step added to the registry (``pdf``
 requiring ``combine``) joins the graph.
 
@@ -44,6 +46,7 @@ __all__ = [
     "new_token",
     "parent_scan_file",
     "requirement_targets",
+    "requirements",
     "select_steps",
     "task_key",
 ]
@@ -126,6 +129,40 @@ def requirement_targets(step: Step, req: Step, entry: str, entries: Sequence[str
     if not req.per_entry:
         return [SCAN_ENTRY]
     return [entry] if step.per_entry else list(entries)
+
+
+def requirements(
+    step: Step, registry: Mapping[str, Step], entry: str, entries: Sequence[str]
+) -> list[tuple[Step, str]]:
+    """``(required step, entry)`` pairs that ``step`` on ``entry`` needs, without repeats.
+
+    ``requires`` on the same entry (every entry for a per-scan step), ``requires_all``
+    on every entry.
+    """
+    out: list[tuple[Step, str]] = []
+    for req_name in step.requires:
+        req = _lookup(registry, req_name)
+        out += [(req, t) for t in requirement_targets(step, req, entry, entries)]
+    for req_name in getattr(step, "requires_all", ()):
+        req = _lookup(registry, req_name)
+        out += [(req, t) for t in (list(entries) if req.per_entry else [SCAN_ENTRY])]
+    unique: list[tuple[Step, str]] = []
+    for pair in out:
+        if all((p[0].name, p[1]) != (pair[0].name, pair[1]) for p in unique):
+            unique.append(pair)
+    return unique
+
+
+def _earlier_entries(step: Step, entry: str, entries: Sequence[str]) -> list[str]:
+    """Rotations whose run of ``step`` this one reads (``from_first``, ``in_order``)."""
+    if not step.per_entry or entry not in entries or entry == entries[0]:
+        return []
+    out = []
+    if getattr(step, "from_first", False):
+        out.append(entries[0])
+    if getattr(step, "in_order", False):
+        out.append(entries[list(entries).index(entry) - 1])
+    return list(dict.fromkeys(out))
 
 
 def _lookup(registry: Mapping[str, Step], name: str) -> Step:
@@ -218,19 +255,16 @@ def build_graph(
                     keys[(scan_file, entry, step.name)] = pending
                     continue
                 deps: list[str] = []
-                for req_name in step.requires:
-                    req = _lookup(registry, req_name)
-                    for target in requirement_targets(step, req, entry, all_entries):
-                        dep = keys.get((scan_file, target, req.name))
-                        if dep is None and running is not None:
-                            dep = running(scan_file, target, req.name)
-                        if dep is not None:
-                            deps.append(dep)
-                first = all_entries[0] if all_entries else entry
-                if step.per_entry and getattr(step, "from_first", False) and entry != first:
-                    dep = keys.get((scan_file, first, step.name))
+                for req, target in requirements(step, registry, entry, all_entries):
+                    dep = keys.get((scan_file, target, req.name))
                     if dep is None and running is not None:
-                        dep = running(scan_file, first, step.name)
+                        dep = running(scan_file, target, req.name)
+                    if dep is not None:
+                        deps.append(dep)
+                for earlier in _earlier_entries(step, entry, all_entries):
+                    dep = keys.get((scan_file, earlier, step.name))
+                    if dep is None and running is not None:
+                        dep = running(scan_file, earlier, step.name)
                     if dep is not None:
                         deps.append(dep)
                 parent = parents[scan_file]

@@ -32,12 +32,13 @@ from typing import Any
 
 import h5py
 
+from ..errors import WorkflowError
 from ..nexus.provenance import process_done, read_process
 from ..nexus.scanfile import open_scan_file
 from ..reduce.steps import STEPS, Step
 from .database import WorkflowDB
 from .engine import dispose_engines
-from .graph import TaskSpec, from_parent, requirement_targets, safe_parent
+from .graph import TaskSpec, from_parent, requirements, safe_parent
 from .leases import Claim
 from .schema import Status
 
@@ -143,12 +144,12 @@ def _requirement_problem(
     """Why the step cannot run (None if every requirement is done in the file)."""
     scan_file = Path(spec.scan_file)
     checks: list[tuple[Path, str, Step, str]] = []
-    for req_name in spec.step.requires:
-        req = registry.get(req_name) or STEPS.get(req_name)
-        if req is None:
-            return f"requires unknown step {req_name!r}"
-        for target in requirement_targets(spec.step, req, spec.entry, entries):
-            checks.append((scan_file, target, req, f"requires {req.name} on {target}"))
+    try:
+        pairs = requirements(spec.step, registry, spec.entry, entries)
+    except WorkflowError as exc:
+        return str(exc)
+    for req, target in pairs:
+        checks.append((scan_file, target, req, f"requires {req.name} on {target}"))
     if from_parent(spec.step):
         parent = safe_parent(scan_file)
         if parent is not None:
