@@ -19,40 +19,24 @@ import time
 
 import numpy as np
 
-from nxrefine_bs.geometry import Geometry, all_hkl, random_rotation, rotation_x, rotation_z
+from nxrefine_bs.geometry import random_rotation, rotation_x, rotation_z
 from nxrefine_bs.reduce.lattice import Lattice
 from nxrefine_bs.reduce.orient import misorientation
 from nxrefine_bs.reduce.refine import PeakList, refine_peaks
 from nxrefine_bs.simulation.crystal import SimCrystal
+from nxrefine_bs.simulation.peaks import PILATUS_2M_ROTATION, TEST_SYSTEMS, predicted_peaks
 
 TARGET_S = 0.050
 N_PEAKS = 300
 
 
 def make_problem(seed: int = 0):
-    geom = Geometry(
-        wavelength=0.2,
-        distance=400.0,
-        pixel_size=0.172,
-        shape=(1679, 1475),
-        beam_center_x=737.3,
-        beam_center_y=839.6,
-        chi=-90.0,
-        phi_start=-5.0,
-        phi_step=0.1,
-    )
-    cell = (5.5, 6.2, 7.1, 90.0, 103.5, 90.0)
+    geom = PILATUS_2M_ROTATION
+    cell = TEST_SYSTEMS["monoclinic"][0]
     rng = np.random.default_rng(seed)
     crystal = SimCrystal(cell, random_rotation(rng), "P")
-    hkl = all_hkl(1.0 / (geom.q_max() * 1.001), crystal.B)
-    p = geom.predict(hkl, crystal.UB)
-    on = p["on_detector"] & (p["frame"] >= 0) & (p["frame"] <= 3599)
-    k = rng.choice(np.nonzero(on)[0], N_PEAKS, replace=False)
-    peaks = PeakList(
-        p["x"][k] + rng.normal(0, 0.2, N_PEAKS),
-        p["y"][k] + rng.normal(0, 0.2, N_PEAKS),
-        p["frame"][k] + rng.normal(0, 0.1, N_PEAKS),
-    )
+    x, y, z, _ = predicted_peaks(crystal, rng, max_peaks=N_PEAKS)
+    peaks = PeakList(x, y, z)
     start_geom = geom.replace(distance=402.0, beam_center_x=738.8, yaw=0.2)
     lat = Lattice(*cell, space_group="P2/m")
     start_lat = lat.with_cell(np.array(cell) * np.r_[1.003, 1.003, 1.003, 1, 1, 1])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from nxrefine_bs.errors import IndexingError
-from nxrefine_bs.geometry import Geometry, all_hkl, random_rotation
+from nxrefine_bs.geometry import random_rotation
 from nxrefine_bs.reduce.lattice import Lattice
 from nxrefine_bs.reduce.orient import (
     auto_index,
@@ -20,29 +20,18 @@ from nxrefine_bs.reduce.orient import (
     reduce_basis,
 )
 from nxrefine_bs.simulation.crystal import SimCrystal
-
-# Pilatus-2M-like set-up: 0.172 mm pixels at 400 mm, 0.1 deg frames over 360 deg.
-GEOM = Geometry(
-    wavelength=0.2,
-    distance=400.0,
-    pixel_size=0.172,
-    shape=(1679, 1475),
-    beam_center_x=737.3,
-    beam_center_y=839.6,
-    chi=-90.0,
-    phi_start=-5.0,
-    phi_step=0.1,
+from nxrefine_bs.simulation.peaks import (
+    FULL_ROTATION_FRAMES,
+    PILATUS_2M_ROTATION,
+    TEST_SYSTEMS,
+    garbage_peaks,
+    predicted_peaks,
 )
-N_FRAMES = 3600
 
-# (cell, centring, space group): symmorphic groups, as the simulator knows only centring.
-SYSTEMS = {
-    "cubic": ((5.431, 5.431, 5.431, 90, 90, 90), "F", "Fm-3m"),
-    "tetragonal": ((4.0, 4.0, 6.5, 90, 90, 90), "I", "I4/mmm"),
-    "orthorhombic": ((5.1, 6.3, 7.7, 90, 90, 90), "P", "Pmmm"),
-    "hexagonal": ((3.2, 3.2, 5.2, 90, 90, 120), "P", "P6/mmm"),
-    "monoclinic": ((5.5, 6.2, 7.1, 90, 103.5, 90), "P", "P2/m"),
-}
+# The shared Pilatus-2M-like set-up and crystals (nxrefine_bs.simulation.peaks).
+GEOM = PILATUS_2M_ROTATION
+N_FRAMES = FULL_ROTATION_FRAMES
+SYSTEMS = TEST_SYSTEMS
 
 
 def make_peaks(
@@ -61,23 +50,19 @@ def make_peaks(
     """Peak list (x, y, z, true hkl; NaN hkl for garbage) of a random crystal."""
     rng = np.random.default_rng(seed)
     crystal = SimCrystal(cell, random_rotation(rng) if U is None else U, centring)
-    hkl = all_hkl(1.0 / (geometry.q_max() * 1.001), crystal.B)
-    hkl = hkl[crystal.allowed(hkl)]
-    p = geometry.predict(hkl, crystal.UB)
-    on = p["on_detector"] & (p["frame"] >= 0) & (p["frame"] <= n_frames - 1)
-    x, y, z, h = p["x"][on], p["y"][on], p["frame"][on], p["hkl"][on]
-    if max_peaks and len(x) > max_peaks:
-        k = rng.choice(len(x), max_peaks, replace=False)
-        x, y, z, h = x[k], y[k], z[k], h[k]
-    x = x + rng.normal(0, noise_xy, len(x))
-    y = y + rng.normal(0, noise_xy, len(y))
-    z = z + rng.normal(0, noise_z, len(z))
+    x, y, z, h = predicted_peaks(
+        crystal,
+        rng,
+        geometry=geometry,
+        n_frames=n_frames,
+        noise_xy=noise_xy,
+        noise_z=noise_z,
+        max_peaks=max_peaks,
+    )
     n_bad = int(round(garbage * len(x) / (1 - garbage)))
     if n_bad:
-        ny, nx = geometry.shape
-        x = np.concatenate([x, rng.uniform(0, nx - 1, n_bad)])
-        y = np.concatenate([y, rng.uniform(0, ny - 1, n_bad)])
-        z = np.concatenate([z, rng.uniform(0, n_frames - 1, n_bad)])
+        gx, gy, gz = garbage_peaks(n_bad, rng, geometry=geometry, n_frames=n_frames)
+        x, y, z = np.concatenate([x, gx]), np.concatenate([y, gy]), np.concatenate([z, gz])
         h = np.concatenate([h, np.full((n_bad, 3), np.nan)])
     return crystal, x, y, z, h
 

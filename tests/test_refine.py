@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from nxrefine_bs.errors import IndexingError, RefinementError
-from nxrefine_bs.geometry import Geometry, all_hkl, random_rotation
+from nxrefine_bs.geometry import random_rotation
 from nxrefine_bs.nexus.geometry_io import read_geometry, read_orientation, write_geometry
 from nxrefine_bs.nexus.h5tools import nx_group, write_field
 from nxrefine_bs.nexus.provenance import read_process
@@ -19,60 +19,27 @@ from nxrefine_bs.reduce.orient import auto_index, misorientation, peak_vectors
 from nxrefine_bs.reduce.refine import PeakList, refine_peaks, run
 from nxrefine_bs.reduce.steps import get_step
 from nxrefine_bs.simulation.crystal import SimCrystal
+from nxrefine_bs.simulation.peaks import (
+    PILATUS_2M_ROTATION,
+    TEST_SYSTEMS,
+    garbage_peaks,
+    predicted_peaks,
+)
 from nxrefine_bs.simulation.scan import make_simulated_scan
 
-# Pilatus-2M-like set-up: 0.172 mm pixels at 400 mm, 0.1 deg frames over 360 deg.
-GEOM = Geometry(
-    wavelength=0.2,
-    distance=400.0,
-    pixel_size=0.172,
-    shape=(1679, 1475),
-    beam_center_x=737.3,
-    beam_center_y=839.6,
-    chi=-90.0,
-    phi_start=-5.0,
-    phi_step=0.1,
-)
-SYSTEMS = {
-    "cubic": ((5.431, 5.431, 5.431, 90, 90, 90), "F", "Fm-3m"),
-    "tetragonal": ((4.0, 4.0, 6.5, 90, 90, 90), "I", "I4/mmm"),
-    "orthorhombic": ((5.1, 6.3, 7.7, 90, 90, 90), "P", "Pmmm"),
-    "hexagonal": ((3.2, 3.2, 5.2, 90, 90, 120), "P", "P6/mmm"),
-    "monoclinic": ((5.5, 6.2, 7.1, 90, 103.5, 90), "P", "P2/m"),
-}
+# The shared Pilatus-2M-like set-up and crystals (nxrefine_bs.simulation.peaks).
+GEOM = PILATUS_2M_ROTATION
+SYSTEMS = TEST_SYSTEMS
 PERTURBATION = {"distance": 2.0, "beam_center_x": 1.5, "yaw": 0.2}
-
-
-def predict_peaks(crystal, geometry, n_frames, rng, *, noise_xy=0.2, noise_z=0.1, max_peaks=600):
-    """Noisy peak positions and true hkl of ``crystal``."""
-    hkl = all_hkl(1.0 / (geometry.q_max() * 1.001), crystal.B)
-    hkl = hkl[crystal.allowed(hkl)]
-    p = geometry.predict(hkl, crystal.UB)
-    on = p["on_detector"] & (p["frame"] >= 0) & (p["frame"] <= n_frames - 1)
-    x, y, z, h = p["x"][on], p["y"][on], p["frame"][on], p["hkl"][on]
-    if max_peaks and len(x) > max_peaks:
-        k = rng.choice(len(x), max_peaks, replace=False)
-        x, y, z, h = x[k], y[k], z[k], h[k]
-    return (
-        x + rng.normal(0, noise_xy, len(x)),
-        y + rng.normal(0, noise_xy, len(x)),
-        z + rng.normal(0, noise_z, len(x)),
-        h,
-    )
-
-
-def garbage_peaks(n, geometry, n_frames, rng):
-    ny, nx = geometry.shape
-    return rng.uniform(0, nx - 1, n), rng.uniform(0, ny - 1, n), rng.uniform(0, n_frames - 1, n)
 
 
 def simulated(system, seed, garbage=0.1):
     cell, centring, sg = SYSTEMS[system]
     rng = np.random.default_rng(seed)
     crystal = SimCrystal(cell, random_rotation(rng), centring)
-    x, y, z, h = predict_peaks(crystal, GEOM, 3600, rng)
+    x, y, z, h = predicted_peaks(crystal, rng)
     n_bad = int(garbage * len(x) / (1 - garbage))
-    gx, gy, gz = garbage_peaks(n_bad, GEOM, 3600, rng)
+    gx, gy, gz = garbage_peaks(n_bad, rng)
     peaks = PeakList(np.r_[x, gx], np.r_[y, gy], np.r_[z, gz])
     return crystal, Lattice(*cell, space_group=sg), peaks, len(x), h
 
@@ -249,7 +216,7 @@ def test_failed_indexing_leaves_good_results(scan_copy):
     g = scan.geometries["f1"]
     rng = np.random.default_rng(1)
     # (1) a garbage peak list (e.g. after a phase transition) replacing the good one
-    gx, gy, gz = garbage_peaks(300, g, 360, rng)
+    gx, gy, gz = garbage_peaks(300, rng, geometry=g, n_frames=360)
     write_peaks(path, "f1", gx, gy, gz)
     before = digest(path)
     with pytest.raises(IndexingError, match="f1"):
@@ -263,7 +230,9 @@ def test_failed_indexing_leaves_good_results(scan_copy):
     assert digest(path) == before
     # (3) a twinned crystal: two equal domains with unrelated orientations
     twin = SimCrystal(scan.crystal.cell, random_rotation(np.random.default_rng(9)), "F")
-    tx, ty, tz, _ = predict_peaks(twin, g, 360, rng, noise_xy=0.1, noise_z=0.05, max_peaks=len(x))
+    tx, ty, tz, _ = predicted_peaks(
+        twin, rng, geometry=g, n_frames=360, noise_xy=0.1, noise_z=0.05, max_peaks=len(x)
+    )
     write_peaks(path, "f1", np.r_[x, tx], np.r_[y, ty], np.r_[z, tz])
     before = digest(path)
     with pytest.raises(IndexingError, match="twinned"):
