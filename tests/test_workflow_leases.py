@@ -217,3 +217,17 @@ def test_a_step_sent_to_a_worker_still_resolves_settings(tmp_path):
     kwargs = _kwargs(copy, sim.scan_file, {"threshold": 7}, copy.load())
     assert kwargs["threshold"] == 7.0 and kwargs["first"] == 10  # [nxreduce] first_frame
     assert parse_param(copy, "threshold", "5") == 5.0
+
+
+def test_transient_io_errors_are_retried_by_dask(tmp_path):
+    sim = make_simulated_scan(tmp_path, n_frames=3, omegas=(0.0, 30.0))
+    db = WorkflowDB(tmp_path)
+    with DaskExecutor("local", n_workers=1, processes=False, threads_per_worker=1) as ex:
+        queue = ReductionQueue(db, ex, registry={"flaky": wf_steps.CHEAP["flaky"]})
+        queue.submit(sim.scan_file)
+        (result,) = queue.wait(timeout=60)
+    assert result.ok
+    for entry in ("f1", "f2"):
+        rec = db.task(sim.scan_file, entry, "flaky")
+        assert rec.status is Status.DONE and rec.attempts == 2
+    assert wf_steps.runs(sim.scan_file).count(("flaky", "f1")) == 2

@@ -119,6 +119,19 @@ def touch2_step(scan_file, entry, *, overwrite=False, progress=False, **_):
     return {}
 
 
+def flaky_step(scan_file, entry, *, overwrite=False, progress=False, **_):
+    """Fail with a transient HDF5-lock error on the first call per entry, then succeed."""
+    scan_file = Path(scan_file)
+    _log(scan_file, entry, "flaky")
+    marker = _scan_dir(scan_file) / f"{entry}.flaky"
+    if not marker.exists():
+        marker.touch()
+        raise BlockingIOError(11, "unable to lock file (Resource temporarily unavailable)")
+    with h5py.File(scan_file, "r+") as f:
+        record_process(f[entry], "wf_flaky")
+    return {}
+
+
 @dataclass(frozen=True)
 class PartStep(Step):
     """A memory-heavy step declaring the temporary file it writes (removed on a rerun)."""
@@ -145,4 +158,5 @@ REGISTRY = {
 CHEAP = {
     "touch": Step("touch", "wf_touch", f"{MODULE}:touch_step"),
     "touch2": Step("touch2", "wf_touch2", f"{MODULE}:touch2_step", requires=("touch",)),
+    "flaky": Step("flaky", "wf_flaky", f"{MODULE}:flaky_step"),
 }
