@@ -235,6 +235,8 @@ class DaskCluster:
 
     def ensure_workers(self, n: int = 2) -> None:
         alive = {k: p for k, p in self.workers.items() if p.poll() is None}
+        for name in set(self.workers) - set(alive):
+            self.workers[name].wait()  # reap a worker a test killed
         self.workers = alive
         while len(self.workers) < n:
             self.add_worker()
