@@ -530,3 +530,25 @@ def test_pdf_on_the_simulators_combined_scan(tmp_path):
     # the Bragg peaks of the simulated crystal sat in the holes; the fill is far below
     assert sym[holes].max() > 20 * filled[holes].max()
     assert (sim.scan_dir / "pdf.nxs").is_file()
+
+
+def test_pdf_as_a_workflow_task(tmp_path, dimer):
+    """The workflow runs pdf from the registry, and blocks it until combine is done."""
+    from nxrefine_bs.workflow.executor import run_scan_steps
+
+    data, _ = dimer
+    label_dir = tmp_path / "exp" / "sample" / "xtal1"
+    label_dir.mkdir(parents=True)
+    lattice = Lattice(*CELL, space_group="P m m m")
+    scan_file = write_combined(label_dir, data, lattice, record=False)
+    blocked = run_scan_steps(scan_file, steps=["pdf"], db=tmp_path / "exp").outcomes
+    assert [o.step for o in blocked] == ["pdf"]
+    assert blocked[0].status.name != "DONE" and "combine" in (blocked[0].message or "")
+    assert not (label_dir / "300K" / "pdf.nxs").exists()
+    with h5py.File(scan_file, "a") as f:
+        record_process(f["entry"], "nxcombine")
+    done = run_scan_steps(
+        scan_file, steps=["pdf"], db=tmp_path / "exp", params={"pdf": {"radius": 0.1}}
+    ).outcomes
+    assert done[0].status.name == "DONE" and done[0].result["laue"] == "mmm"
+    assert (label_dir / "300K" / "pdf.nxs").is_file()
