@@ -5,7 +5,8 @@ method runs on the RunEngine thread: it validates a document and files it in mem
 (microseconds, no I/O).  Its ``apply`` method runs on the writer thread, inside one
 copy-on-write update of the scan file (:func:`nxrefine_bs.nexus.scanfile.update_scan_file`),
 and turns the accepted documents into HDF5.  The document contract is in
-``docs/documents.md``.
+``docs/documents.md``; the start document's ``nxrefine`` dictionary is typed by
+:class:`nxrefine_bs.documents.NXRefineMetadata`.
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlparse
 
 import h5py
 import numpy as np
 
-from ..errors import MetadataError, PathSafetyError
+from ..documents import NXRefineMetadata
+from ..errors import InvalidNameError, MetadataError, PathSafetyError
 from ..experiment import Experiment, safe_join, validate_name
 from ..geometry import RUN_GEOMETRY_KEYS, Geometry
+from ..nexus.entries import validate_rotation_entry
 from ..nexus.geometry_io import write_geometry
 from ..nexus.h5tools import nx_group, read_field, write_external_link, write_field
 from ..nexus.provenance import now_iso, record_process
@@ -45,15 +48,16 @@ def _uri_to_path(uri: str) -> Path:
     raise MetadataError(f"detector data URI {uri!r} is not a local file; cannot link it")
 
 
-def nxrefine_md(start: Mapping[str, Any]) -> dict[str, Any]:
-    """The start document's ``nxrefine`` dictionary (raises if missing)."""
+def nxrefine_md(start: Mapping[str, Any]) -> NXRefineMetadata:
+    """The start document's ``nxrefine`` dictionary (raises if missing; its values are
+    checked where they are used)."""
     md = start.get("nxrefine")
     if not isinstance(md, Mapping):
         raise MetadataError(
             f"run {start.get('uid', '?')}: start document has no 'nxrefine' dictionary; "
             "record it with the nxrefine_bs.plans rotation plans (see docs/documents.md)"
         )
-    return dict(md)
+    return cast(NXRefineMetadata, dict(md))
 
 
 def scan_file_for_start(start: Mapping[str, Any]) -> tuple[Path, Path, str]:
@@ -75,9 +79,10 @@ def scan_file_for_start(start: Mapping[str, Any]) -> tuple[Path, Path, str]:
         scan = validate_name(str(start.get("scan", "")), "scan")
     except ValueError as exc:
         raise MetadataError(f"run {uid}: {exc}") from exc
-    entry = str(start.get("entry", ""))
-    if not (entry.startswith("f") and entry[1:].isdigit() and int(entry[1:]) > 0):
-        raise MetadataError(f"run {uid}: entry {entry!r} must be f1, f2, ...")
+    try:
+        entry = validate_rotation_entry(start.get("entry", ""), f"run {uid}")
+    except InvalidNameError as exc:
+        raise MetadataError(str(exc)) from exc
     raw_dir = str(md.get("experiment_dir", ""))
     experiment_dir = Path(raw_dir)
     if not raw_dir or not experiment_dir.is_absolute() or ".." in experiment_dir.parts:

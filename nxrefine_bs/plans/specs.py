@@ -18,16 +18,17 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..devices.protocols import FlyingAxis, FlyingDetector, RotationDetector
+from ..documents import GeometryMetadata, NXRefineMetadata
 from ..errors import InvalidNameError, MetadataError, PathSafetyError
 from ..experiment import safe_join, validate_name
 from ..geometry import RUN_GEOMETRY_KEYS, Geometry
+from ..nexus.entries import ROTATION_ENTRY_PATTERN, is_rotation_entry_name
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,8 @@ __all__ = [
     "start_metadata",
 ]
 
-ENTRY_PATTERN = re.compile(r"f[1-9][0-9]*")
-"""Rotation entries are ``f1``, ``f2``..."""
+ENTRY_PATTERN = ROTATION_ENTRY_PATTERN
+"""Rotation entries are ``f1``, ``f2``... (the one rule: :mod:`nxrefine_bs.nexus.entries`)."""
 
 ROTATION_KEYS = frozenset(
     {"chi", "omega", "theta", "translation", "phi_start", "phi_end", "phi_step", "entry"}
@@ -209,7 +210,7 @@ def prepare_rotation(
     label = _name(label, "label")
     scan = _name(scan, "scan")
     beamline = _name(beamline, "beamline")
-    if not isinstance(entry, str) or not ENTRY_PATTERN.fullmatch(entry):
+    if not is_rotation_entry_name(entry):
         raise MetadataError(f"entry must be f1, f2, ... (f<digits>), got {entry!r}")
     n_frames = frame_count(phi_start, phi_end, phi_step)
     exp = Path(os.path.abspath(os.fspath(experiment_dir)))
@@ -314,14 +315,14 @@ def _check_mode(devices: Any, mode: str) -> None:
 
 
 # ---------------------------------------------------------------------- metadata
-def _geometry_dict(spec: RotationSpec) -> dict[str, Any]:
+def _geometry_dict(spec: RotationSpec) -> GeometryMetadata:
     g = spec.geometry
     out: dict[str, Any] = {}
     for key in RUN_GEOMETRY_KEYS:
         value = getattr(g, key)
         out[key] = [int(v) for v in value] if key == "shape" else value
     out["phi_end"] = spec.phi_end
-    return out
+    return GeometryMetadata(**out)  # keys checked by test_documents
 
 
 def start_metadata(
@@ -358,6 +359,23 @@ def start_metadata(
     det = devices.detector
     phi = devices.goniometer.phi
     monitors = [m.name for m in devices.monitors]
+    nxrefine: NXRefineMetadata = {
+        "experiment_dir": str(spec.experiment_dir),
+        "beamline": spec.beamline,
+        "configuration": spec.configuration,
+        "temperature_units": "K",
+        "detector": {
+            "name": devices.detector_model.name,
+            "data_key": det.name,
+            "frame_time": float(frame_time),
+        },
+        "monitors": monitors,
+        "geometry": _geometry_dict(spec),
+        "translation": {"x": spec.translation[0], "y": spec.translation[1]},
+        "n_frames": spec.n_frames,
+        "rotation_index": int(rotation[0]),
+        "rotations": int(rotation[1]),
+    }
     out: dict[str, Any] = dict(md or {})
     out.update(
         {
@@ -372,23 +390,7 @@ def start_metadata(
             "label": spec.label,
             "scan": spec.scan,
             "entry": spec.entry,
-            "nxrefine": {
-                "experiment_dir": str(spec.experiment_dir),
-                "beamline": spec.beamline,
-                "configuration": spec.configuration,
-                "temperature_units": "K",
-                "detector": {
-                    "name": devices.detector_model.name,
-                    "data_key": det.name,
-                    "frame_time": float(frame_time),
-                },
-                "monitors": monitors,
-                "geometry": _geometry_dict(spec),
-                "translation": {"x": spec.translation[0], "y": spec.translation[1]},
-                "n_frames": spec.n_frames,
-                "rotation_index": int(rotation[0]),
-                "rotations": int(rotation[1]),
-            },
+            "nxrefine": nxrefine,
         }
     )
     if spec.temperature is not None:
