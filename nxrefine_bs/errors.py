@@ -29,6 +29,12 @@ __all__ = [
     "CalibrationError",
     "CalibrationQualityError",
     "WorkflowError",
+    "GeometryError",
+    "LatticeError",
+    "MaskError",
+    "ParameterError",
+    "TiledError",
+    "ReplayError",
 ]
 
 
@@ -109,6 +115,30 @@ class CalibrationQualityError(CalibrationError):
 
 class WorkflowError(NXRefineBSError, RuntimeError):
     """Queuing, executing or tracking reduction work failed."""
+
+
+class GeometryError(NXRefineBSError, ValueError):
+    """Invalid geometry parameters (detector orientation string, lattice...)."""
+
+
+class LatticeError(GeometryError):
+    """Inconsistent or unknown unit cell / space group."""
+
+
+class MaskError(CalibrationError, ValueError):
+    """A pixel mask cannot be built, read or written (wrong shape, missing entry...)."""
+
+
+class ParameterError(NXRefineBSError, TypeError):
+    """A step was given a parameter it does not have, or a value of the wrong type."""
+
+
+class TiledError(NXRefineBSError, RuntimeError):
+    """The Tiled catalog cannot be opened or written."""
+
+
+class ReplayError(NXRefineBSError, LookupError):
+    """Archived runs cannot be found or replayed."""
 
 
 class DeviceConnectionError(NXRefineBSError, ConnectionError):

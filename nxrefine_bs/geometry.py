@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from .errors import NXRefineBSError
+from .errors import GeometryError
 
 __all__ = [
     "rotation_x",
@@ -66,10 +66,6 @@ RUN_GEOMETRY_KEYS: tuple[str, ...] = (
 
 HC_KEV_ANGSTROM = 12.398419739640717
 """h*c in keV*Angstrom: energy (keV) = HC_KEV_ANGSTROM / wavelength (Angstrom)."""
-
-
-class GeometryError(NXRefineBSError, ValueError):
-    """Invalid geometry parameters (detector orientation string, lattice...)."""
 
 
 def _rot(angle: ArrayLike, axis: int) -> NDArray[np.float64]:

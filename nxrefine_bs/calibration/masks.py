@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, MaskError
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyFAI.detectors import Detector
@@ -33,10 +33,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class MaskError(CalibrationError, ValueError):
-    """A pixel mask cannot be built, read or written (wrong shape, missing entry...)."""
 
 
 class PixelMask:

@@ -32,7 +32,8 @@ import h5py
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from ..geometry import GeometryError, b_matrix, cell_volume
+from ..errors import GeometryError, LatticeError
+from ..geometry import b_matrix, cell_volume
 from ..nexus.geometry_io import read_cell, write_cell
 from ..nexus.h5tools import read_field, write_field
 
@@ -111,10 +112,6 @@ _CENTRING_ONLY: dict[str, str] = {
 
 _LENGTH_RTOL = 1e-4
 _ANGLE_ATOL = 0.01
-
-
-class LatticeError(GeometryError):
-    """Inconsistent or unknown unit cell / space group."""
 
 
 def _find_space_group(symbol: str | int) -> gemmi.SpaceGroup:

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import NXRefineBSError
+from ..errors import ParameterError
 
 __all__ = [
     "Parameter",
@@ -67,10 +67,6 @@ CONTROL: tuple[str, ...] = ("overwrite", "progress")
 
 DEFAULT_LAST_MARGIN = 10
 """An empty ``last_frame`` setting means ``nframes - DEFAULT_LAST_MARGIN`` (NXRefine)."""
-
-
-class ParameterError(NXRefineBSError, TypeError):
-    """A step was given a parameter it does not have, or a value of the wrong type."""
 
 
 # --------------------------------------------------------------------------- value parsers

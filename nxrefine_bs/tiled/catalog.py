@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import NXRefineBSError, SettingsError
+from ..errors import SettingsError, TiledError
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +42,6 @@ CATALOG_DIRNAME = "tiled"
 RUNS_SPEC = {"name": "CatalogOfBlueskyRuns", "version": "3.0"}
 RUNS = "runs"
 """Key of the container of Bluesky runs in an embedded catalog."""
-
-
-class TiledError(NXRefineBSError, RuntimeError):
-    """The Tiled catalog cannot be opened or written."""
 
 
 def catalog_paths(experiment_dir: str | os.PathLike[str]) -> dict[str, Path]:

@@ -35,7 +35,7 @@ from typing import Any
 
 import h5py
 
-from ..errors import NXRefineBSError
+from ..errors import ReplayError
 from ..nexus.safewrite import locked
 
 logger = logging.getLogger(__name__)
@@ -49,10 +49,6 @@ __all__ = [
     "SERVER_CONFIG_HINT",
     "WRITER_OWNED",
 ]
-
-
-class ReplayError(NXRefineBSError, LookupError):
-    """Archived runs cannot be found or replayed."""
 
 
 SERVER_CONFIG_HINT = """\
