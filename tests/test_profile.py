@@ -86,3 +86,30 @@ def test_profile_runs_a_rotation(experiment, tmp_path):
         assert "f1/nxworkflow/nxmax" in f  # the post-scan reduction ran
         assert f["entry/instrument/detector/description"][()].decode() == "Pilatus 100k"
     assert (experiment.directory / "tiled" / "catalog.db").is_file()
+
+
+def test_temporary_experiment_removed_at_exit(tmp_path):
+    """Without NXREFINE_BS_EXPERIMENT the profile's temporary experiment goes at exit."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {
+        **os.environ,
+        "TMPDIR": str(tmp),
+        "NXREFINE_BS_TILED": "0",
+        "NXREFINE_BS_PROGRESS": "0",
+        "NXREFINE_BS_DETECTOR": "small",
+        "IPYTHONDIR": str(tmp_path / "ipython"),
+    }
+    for name in ("NXREFINE_BS_EXPERIMENT", "NXREFINE_BS_CONFIGURATION", "NXREFINE_BS_KEEP"):
+        env.pop(name, None)
+    code = "print('EXP', EXPERIMENT_DIR, (EXPERIMENT_DIR / 'tasks').is_dir())"
+    proc = subprocess.run(
+        [_ipython(), f"--profile-dir={PROFILE}", "--HistoryManager.hist_file=:memory:",
+         "--colors=nocolor", "-c", code],
+        capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    path, existed = _values(proc.stdout, "EXP")
+    assert existed == "True" and Path(path).parents[1].parent == tmp
+    assert "removed at exit" in proc.stdout
+    assert list(tmp.glob("nxrefine-bs-sim-*")) == []

@@ -15,11 +15,23 @@ NXREFINE_BS_TILED
     ``http://...``: that Tiled server.
 NXREFINE_BS_PROGRESS
     ``1`` (default) shows a frame progress bar, ``0`` hides it.
+NXREFINE_BS_THERMAL
+    ``1`` (default): the simulated crystal changes with the temperature controller's
+    value (:data:`nxrefine_bs.demo.DEMO_THERMAL`: Debye-Waller, TDS, CDW below 200 K);
+    ``0``: the temperature is recorded only.
+NXREFINE_BS_KEEP
+    ``1`` keeps the temporary experiment at exit; by default it is removed (an
+    experiment named by ``NXREFINE_BS_EXPERIMENT`` is always kept).
 """
 
 import atexit
 import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
 
+from nxrefine_bs.demo import DEMO_THERMAL
 from nxrefine_bs.session import start_session
 
 
@@ -68,6 +80,21 @@ def _tiled_target(value: str | None) -> bool | str:
     return _flag(value, True)
 
 
+def _remove_temporary_experiment(experiment_dir: Path) -> None:
+    """Delete the temporary ``nxrefine-bs-sim-*`` directory this profile made.
+
+    Parameters
+    ----------
+    experiment_dir : Path
+        ``<tmp>/nxrefine-bs-sim-XXXX/demo/nxrefine``; only a directory of that form is
+        removed.
+    """
+    home = experiment_dir.parents[1]
+    if home.name.startswith("nxrefine-bs-sim-") and home.parent == Path(tempfile.gettempdir()):
+        shutil.rmtree(home, ignore_errors=True)
+
+
+THERMAL = DEMO_THERMAL if _flag(os.environ.get("NXREFINE_BS_THERMAL"), True) else None
 session = start_session(
     EXPERIMENT_DIR,  # noqa: F821  (00-base.py)
     detector=DETECTOR_MODEL,  # noqa: F821
@@ -75,8 +102,18 @@ session = start_session(
     reduce_steps=_reduce_steps(os.environ.get("NXREFINE_BS_REDUCE")),
     tiled=_tiled_target(os.environ.get("NXREFINE_BS_TILED")),
     progress=_flag(os.environ.get("NXREFINE_BS_PROGRESS"), True),
+    simulator_kwargs={"thermal": THERMAL},
 )
-atexit.register(session.close)
+KEEP_EXPERIMENT = not EXPERIMENT_IS_TEMPORARY or _flag(  # noqa: F821  (00-base.py)
+    os.environ.get("NXREFINE_BS_KEEP"), False
+)
+# Close the session before Python waits for the session's worker threads (a plain
+# atexit handler would run only after that wait, which never ends); last-registered
+# runs first: close, then remove the temporary experiment.
+_at_exit = getattr(threading, "_register_atexit", atexit.register)
+if not KEEP_EXPERIMENT:
+    _at_exit(_remove_temporary_experiment, EXPERIMENT_DIR)  # noqa: F821
+_at_exit(session.close)
 
 RE = session.RE
 bl = session.devices

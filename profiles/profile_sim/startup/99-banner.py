@@ -12,7 +12,10 @@ def _banner() -> str:
         The text printed when IPython starts.
     """
     g = GEOMETRY  # noqa: F821  (00-base.py)
-    where = "temporary demo experiment" if EXPERIMENT_IS_TEMPORARY else "experiment"  # noqa: F821
+    where = "experiment"
+    if EXPERIMENT_IS_TEMPORARY:  # noqa: F821  (00-base.py)
+        kept = "kept" if KEEP_EXPERIMENT else "removed at exit; NXREFINE_BS_KEEP=1 keeps it"  # noqa: F821
+        where = f"temporary demo experiment ({kept})"
     callbacks = ["NeXus scan-file writer (writer)"]
     if reduction is not None:  # noqa: F821  (10-session.py)
         callbacks.append(f"post-scan reduction {','.join(reduction.steps)} (reduction)")  # noqa: F821
@@ -37,4 +40,4 @@ def _banner() -> str:
     return "\n".join(lines)
 
 
-print("\n" + _banner())  # after the (empty) progress bar line
+print("\n" + _banner())
