@@ -85,6 +85,7 @@ def start_session(
     simulator_kwargs: dict[str, Any] | None = None,
     compression: str | None = None,
     RE: RunEngine | None = None,
+    devices: Any | None = None,
 ) -> BeamlineSession:
     """Create a RunEngine with the simulated beamline and every nxrefine-bs callback.
 
@@ -111,6 +112,10 @@ def start_session(
         h5py compression of the detector files.
     RE : RunEngine, optional
         Use an existing RunEngine (e.g. the one an IPython profile made).
+    devices : RotationBeamline, optional
+        The beamline's devices (e.g. :func:`nxrefine_bs.devices.epics.make_epics_beamline`,
+        connected by the caller); default: a new simulated beamline from ``detector``,
+        ``geometry``, ``crystal``, ``seed``.
     """
     from .devices import make_sim_beamline
 
@@ -148,7 +153,7 @@ def start_session(
         # session.reduction.wait() sees every rotation at once
         subscribe(session.reduction, critical=True)
     subscribe(writer, critical=True)  # last: its failure cannot starve the others
-    session.devices = make_sim_beamline(
+    session.devices = devices if devices is not None else make_sim_beamline(
         experiment_dir,
         detector=detector,
         geometry=geometry,

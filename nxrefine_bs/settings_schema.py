@@ -128,6 +128,16 @@ class SettingSpec:
         return out
 
 
+def _check_pv_prefix(value: Any) -> None:
+    if not value or any(c.isspace() or c in "\"'$" for c in str(value)):
+        raise ValueError("a PV prefix is one word without quotes or $, e.g. BL7:GON:PHI")
+
+
+def _check_detector_driver(value: Any) -> None:
+    if value not in ("sim", "pilatus"):
+        raise ValueError("sim (ADSimDetector) or pilatus (ADPilatus)")
+
+
 def _parse_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -195,6 +205,24 @@ SCHEMA: tuple[SettingSpec, ...] = (
     _s("instrument", "analysis_home", str, None, "root of the analysis tree", optional=True),
     _s("instrument", "analysis_path", str, None, "analysis sub-path, e.g. nxrefine", optional=True),
     _s("instrument", "experiment", str, None, "experiment name", optional=True),
+    # instrument: EPICS PV prefixes of the devices (profile_epics); empty: pv_prefix + default
+    _s("instrument", "pv_prefix", str, None, "beamline PV prefix (empty: SIM:)", optional=True,
+       check=_check_pv_prefix),  # fmt: skip
+    *(
+        _s("instrument", f"pv_{device}", str, None, f"PV prefix of {what}", optional=True,
+           check=_check_pv_prefix)  # fmt: skip
+        for device, what in (
+            ("phi", "the phi motor record"),
+            ("chi", "the chi motor record"),
+            ("omega", "the omega motor record"),
+            ("temperature", "the temperature controller (SP, T, TOL)"),
+            ("detector", "the areaDetector (cam1:, HDF1:)"),
+            ("mcs1", "monitor MCS1 (Counts)"),
+            ("mcs2", "monitor MCS2 (Counts)"),
+        )
+    ),
+    _s("instrument", "detector_driver", str, None, "areaDetector driver: sim (empty) or pilatus",
+       optional=True, check=_check_detector_driver),  # fmt: skip
     # nxrefine: defaults for new configurations
     _s("nxrefine", "wavelength", float, 0.2, "wavelength (Angstrom)", check=_check_positive),
     _s("nxrefine", "distance", float, 500.0, "sample to detector (mm)", check=_check_positive),

@@ -190,3 +190,75 @@ def test_down_ioc_is_a_clean_error_naming_the_pvs(experiment, ioc):
     with pytest.raises(DeviceConnectionError, match=named) as info:
         asyncio.run(connect_epics_beamline(devices, timeout=0.5))
     assert "IOC running" in str(info.value)
+
+
+PROFILE_CODE = """
+uids = RE(temperature_series(bl, [300.0, 295.0], **SCAN, sample="Si", label="xtal1",
+                             phi_start=0.0, phi_end=30.0, phi_step=1.0))
+import h5py
+with h5py.File(writer.last_scan_file, "r") as f:
+    print("SCAN", writer.last_scan_file.name, f["f1/data/data"].shape[0])
+print("TILED", all(uid in tiled for uid in uids), len(uids))
+print("REDUCED", len(reduction.wait(60)), reduction.errors)
+"""
+
+
+def test_profile_epics_runs_a_series(experiment, ioc, tmp_path):
+    """``profiles/profile_epics`` connects to the prefix of ``[instrument]`` and scans."""
+    import shutil
+
+    from nxrefine_bs.settings import experiment_settings_path, update_settings
+
+    ipython = shutil.which("ipython", path=str(Path(sys.executable).parent))
+    if ipython is None:
+        pytest.skip("IPython is not installed (pip install -e .[test])")
+    update_settings(experiment_settings_path(experiment.directory), {"instrument.pv_prefix": ioc})
+    profile = Path(__file__).resolve().parents[1] / "profiles" / "profile_epics"
+    env = {
+        **os.environ,
+        "NXREFINE_BS_EXPERIMENT": str(experiment.directory),
+        "NXREFINE_BS_DETECTOR_SHAPE": "96,128",
+        "NXREFINE_BS_FRAME_TIME": str(FRAME_TIME),
+        "NXREFINE_BS_REDUCE": "max",
+        "NXREFINE_BS_PROGRESS": "0",
+        "IPYTHONDIR": str(tmp_path / "ipython"),
+    }
+    proc = subprocess.run(
+        [ipython, f"--profile-dir={profile}", "--no-banner", "-c", PROFILE_CODE],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines() if line}
+    assert lines["SCAN"] == ["Si_295K.nxs", "30"], proc.stdout
+    assert lines["TILED"] == ["True", "2"], proc.stdout
+    assert lines["REDUCED"][:2] == ["2", "[]"], proc.stdout
+    assert f"phi={ioc}phi" in proc.stdout  # the banner names the PVs
+
+
+@pytest.mark.slow  # the clean error itself: test_down_ioc_is_a_clean_error_naming_the_pvs
+def test_profile_epics_without_ioc_names_the_pvs(experiment, ioc, tmp_path):
+    import shutil
+
+    from nxrefine_bs.settings import experiment_settings_path, update_settings
+
+    ipython = shutil.which("ipython", path=str(Path(sys.executable).parent))
+    if ipython is None:
+        pytest.skip("IPython is not installed (pip install -e .[test])")
+    update_settings(
+        experiment_settings_path(experiment.directory),
+        {"instrument.pv_prefix": "DOWN:", "instrument.pv_phi": "DOWN:GON:PHI"},
+    )
+    profile = Path(__file__).resolve().parents[1] / "profiles" / "profile_epics"
+    env = {
+        **os.environ,
+        "NXREFINE_BS_EXPERIMENT": str(experiment.directory),
+        "NXREFINE_BS_CONNECT_TIMEOUT": "0.5",
+        "IPYTHONDIR": str(tmp_path / "ipython"),
+    }
+    proc = subprocess.run(
+        [ipython, f"--profile-dir={profile}", "--no-banner", "-c", "print('READY', session)"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert not any(line.startswith("READY ") for line in proc.stdout.splitlines())
+    assert "DeviceConnectionError" in out and "DOWN:GON:PHI." in out, out[-3000:]

@@ -45,6 +45,7 @@ __all__ = [
     "EpicsMonitor",
     "EpicsTemperatureController",
     "connect_epics_beamline",
+    "instrument_prefixes",
     "make_epics_beamline",
 ]
 
@@ -160,6 +161,27 @@ def resolve_prefixes(prefix: str, prefixes: Mapping[str, str] | None = None) -> 
             raise NXRefineBSError(f"PV prefix of {key!r} must be a non-empty word, got {value!r}")
         out[key] = value
     return out
+
+
+def instrument_prefixes(instrument: Mapping[str, Any]) -> tuple[str, dict[str, str], str]:
+    """``(prefix, prefixes, detector_driver)`` from an ``[instrument]`` settings section.
+
+    Keys: ``pv_prefix`` (beamline prefix), ``pv_phi``, ``pv_chi``, ``pv_omega``,
+    ``pv_temperature``, ``pv_detector``, ``pv_mcs1``, ``pv_mcs2`` (absolute prefixes
+    overriding ``pv_prefix`` + :data:`DEFAULT_PREFIXES`) and ``detector_driver``.
+
+    Examples
+    --------
+    >>> instrument_prefixes({"pv_prefix": "BL7:", "pv_phi": "BL7:GON:PHI"})
+    ('BL7:', {'phi': 'BL7:GON:PHI'}, 'sim')
+    """
+    prefix = str(instrument.get("pv_prefix") or "SIM:")
+    prefixes = {}
+    for device in DEFAULT_PREFIXES:
+        value = instrument.get(f"pv_{device.lower()}")
+        if value:
+            prefixes[device] = str(value)
+    return prefix, prefixes, str(instrument.get("detector_driver") or "sim")
 
 
 def make_epics_beamline(
