@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -193,9 +194,7 @@ class NeXusScanWriter:
 
         if not self.normalize:
             return accept
-        from bluesky_tiled_plugins.writing.tiled_writer import RunNormalizer
-
-        normalizer = RunNormalizer()
+        normalizer = _normalizer_class()()
         normalizer.subscribe(accept)
         return normalizer
 
@@ -367,6 +366,25 @@ class NeXusScanWriter:
         if self._thread is not None and self._thread.is_alive():
             self._queue.put(None)
             self._thread.join(timeout=5)
+
+
+@functools.cache
+def _normalizer_class() -> type:
+    """bluesky-tiled-plugins' ``RunNormalizer`` without re-validating what it emits.
+
+    ``RunNormalizer.emit`` checks every document it passes on against its event-model
+    JSON schema: 5-30 ms per descriptor on the RunEngine thread (jsonschema), far
+    above the writer's budget.  The documents come from the RunEngine (or an archive
+    written from it) and :meth:`RunWriter.accept` checks every field the writer uses,
+    so the emitted documents are passed on as they are.
+    """
+    from bluesky_tiled_plugins.writing.tiled_writer import RunNormalizer
+
+    class _RunNormalizer(RunNormalizer):  # type: ignore[misc]
+        def emit(self, name: Any, doc: Any) -> None:
+            self.dispatcher.process(name, doc)
+
+    return _RunNormalizer
 
 
 def _flush_at_exit(ref: weakref.ReferenceType[NeXusScanWriter]) -> None:
