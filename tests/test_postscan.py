@@ -109,18 +109,25 @@ class StopTimes:
 
 
 class Timed:
-    """Wrap a callback and record how long each call took, per document name."""
+    """Wrap a callback; record how long each call took, per document name, and the
+    workflow status of each rotation's ``max`` step right after its stop document."""
 
-    def __init__(self, callback) -> None:
+    def __init__(self, callback, db=None, scan_file=None) -> None:
         self.callback = callback
         self.seconds: dict[str, float] = {}
         self.threads: set[int] = set()
+        self.db, self.scan_file, self.entry = db, scan_file, None
+        self.status_at_stop: dict[str, Status] = {}
 
     def __call__(self, name: str, doc: dict) -> None:
         t0 = time.perf_counter()
         self.threads.add(threading.get_ident())
         self.callback(name, doc)
         self.seconds[name] = max(self.seconds.get(name, 0.0), time.perf_counter() - t0)
+        if name == "start":
+            self.entry = doc.get("entry")
+        elif name == "stop" and self.db is not None:
+            self.status_at_stop[self.entry] = self.db.task_status(self.scan_file, self.entry, "max")
 
 
 def run_scan(RE, devices, experiment, config, reduction):
@@ -135,7 +142,8 @@ def run_scan(RE, devices, experiment, config, reduction):
     RE.subscribe(NeXusScanWriter())
     stop_times = StopTimes()
     RE.subscribe(stop_times)
-    timed = Timed(reduction)
+    scan_file = scan_dir.parent / f"{NAMES['sample']}_{NAMES['scan']}.nxs"
+    timed = Timed(reduction, WorkflowDB(experiment.directory), scan_file)
     RE.subscribe(timed)
     docs: list[tuple[str, dict]] = []
     RE.subscribe(lambda name, doc: docs.append((name, doc)))
@@ -164,8 +172,9 @@ def test_max_find_after_each_rotation(RE, experiment, beamline):
         RE, devices, experiment, config, reduction
     )
     assert len(uids) == 2 and [s["exit_status"] for s in stops] == ["success"] * 2
-    # Queuing returns at once; the work runs on an executor thread, not the RunEngine's.
-    assert timed.seconds["stop"] < 0.5
+    # Queuing does not wait for the work: when the stop document of f2 had been handled,
+    # f2's reduction had not finished (it runs on an executor thread, not the RunEngine's).
+    assert timed.status_at_stop["f2"] is not Status.DONE
     t0 = time.perf_counter()
     results = reduction.wait(timeout=60)
     wait_seconds = time.perf_counter() - t0

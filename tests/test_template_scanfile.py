@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 import h5py
 import numpy as np
@@ -301,18 +300,24 @@ def test_rotation_entries_numeric_order(tmp_path):
 def test_locked_excludes_other_threads(tmp_path):
     target = tmp_path / "s.nxs"
     order: list[str] = []
+    trying, got_it = threading.Event(), threading.Event()
 
     def other() -> None:
+        trying.set()
         with locked(target):
+            got_it.set()
             order.append("other")
 
     with locked(target):
         thread = threading.Thread(target=other)
         thread.start()
-        time.sleep(0.2)
+        assert trying.wait(30)
+        # the other thread is at the lock: it must not get it while we hold it (this
+        # can only fail if the lock does not exclude, however slow the machine)
+        assert not got_it.wait(0.2)
         order.append("first")
-    thread.join(5)
-    assert order == ["first", "other"]
+    thread.join(30)
+    assert order == ["first", "other"] and got_it.is_set()
     assert not (tmp_path / "s.nxs.lock").exists()
     with locked(target), pytest.raises(ScanFileError, match="timed out"):  # noqa: SIM117
         with locked(target, timeout=0.1):
