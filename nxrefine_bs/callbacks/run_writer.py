@@ -6,7 +6,7 @@ method runs on the RunEngine thread: it validates a document and files it in mem
 copy-on-write update of the scan file (:func:`nxrefine_bs.nexus.scanfile.update_scan_file`),
 and turns the accepted documents into HDF5.  The document contract is in
 ``docs/documents.md``; the start document's ``nxrefine`` dictionary is typed by
-:class:`nxrefine_bs.documents.NXRefineMetadata`.
+:class:`nxrefine_bs.documents.NXRefineMetadata` (the plans build it; the writer checks it).
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import h5py
 import numpy as np
 
-from ..documents import NXRefineMetadata
 from ..errors import InvalidNameError, MetadataError, PathSafetyError
 from ..experiment import Experiment, safe_join, validate_name
 from ..geometry import RUN_GEOMETRY_KEYS, Geometry
@@ -48,16 +47,20 @@ def _uri_to_path(uri: str) -> Path:
     raise MetadataError(f"detector data URI {uri!r} is not a local file; cannot link it")
 
 
-def nxrefine_md(start: Mapping[str, Any]) -> NXRefineMetadata:
-    """The start document's ``nxrefine`` dictionary (raises if missing; its values are
-    checked where they are used)."""
+def nxrefine_md(start: Mapping[str, Any]) -> dict[str, Any]:
+    """The start document's ``nxrefine`` dictionary (raises if missing).
+
+    The plans build it as a :class:`~nxrefine_bs.documents.NXRefineMetadata`; here it
+    is untrusted input, so it stays a plain dictionary whose values are checked where
+    they are used (:meth:`RunWriter.__post_init__`).
+    """
     md = start.get("nxrefine")
     if not isinstance(md, Mapping):
         raise MetadataError(
             f"run {start.get('uid', '?')}: start document has no 'nxrefine' dictionary; "
             "record it with the nxrefine_bs.plans rotation plans (see docs/documents.md)"
         )
-    return cast(NXRefineMetadata, dict(md))
+    return dict(md)
 
 
 def scan_file_for_start(start: Mapping[str, Any]) -> tuple[Path, Path, str]:

@@ -91,7 +91,7 @@ def predicted_peaks(
     hkl = all_hkl(1.0 / (geometry.q_max() * 1.001), crystal.B)
     hkl = hkl[crystal.allowed(hkl)]
     p = geometry.predict(hkl, crystal.UB)
-    on = p["on_detector"] & (p["frame"] >= 0) & (p["frame"] <= n_frames - 1)
+    on = p["on_detector"].astype(bool) & (p["frame"] >= 0) & (p["frame"] <= n_frames - 1)
     x, y, z, h = p["x"][on], p["y"][on], p["frame"][on], p["hkl"][on]
     if max_peaks and len(x) > max_peaks:
         k = rng.choice(len(x), max_peaks, replace=False)
