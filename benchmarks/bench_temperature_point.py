@@ -11,12 +11,13 @@ in a fresh process pinned to 1 or 2 cores (CPU affinity; numba/OpenMP threads, r
 threads and transform threads follow the core count), which reports the step's wall
 time and peak resident memory.
 
-The reduction time of one rotation is extrapolated to a temperature point of 3 x 3650
-frames: each frame-streaming step (max, find, prepare, transform) is timed after a
-warm-up on N/2 and on N frames, and its time at 3650 frames is ``t(N) + slope x (3650 -
-N)`` (the slope at least half the mean rate); refine and combine count once per
-rotation; the point is three rotations.  Collection takes 0.1 s per frame (3 x 3650 x
-0.1 s = 1095 s).
+Each frame-streaming step is timed after a warm-up call on 2 frames (imports, numba
+caches, pyFAI set-up).  The reduction time of one rotation is extrapolated to a
+temperature point of 3 x 3650 frames (:func:`extrapolate`): max, find and prepare scale
+with the number of frames (fixed costs included: pessimistic), the transform's
+accumulation scales and its output writing counts once per rotation, refine and
+combine count once per rotation.  Collection takes 0.1 s per frame (3 x 3650 x 0.1 s =
+1095 s).
 
 Gates (printed and checked):
 
@@ -52,7 +53,8 @@ STEPS = ("max", "find", "refine", "prepare", "transform", "combine")
 FRAME_TIME = 0.1  # s per frame during collection
 POINT_FRAMES = 3650
 POINT_ROTATIONS = 3
-FRAME_BYTES = 1679 * 1475 * 4
+FRAME_PIXELS = 1679 * 1475
+FRAME_BYTES = 4 * FRAME_PIXELS
 BSLZ4_RATIO = 6.0  # conservative compression estimate for the disk check
 
 
@@ -73,18 +75,16 @@ def _child(args: argparse.Namespace) -> int:
         out = run_step(step, args.scan, args.entry, overwrite=True, **{**params, **over})
         return time.perf_counter() - t0, out
 
-    half = None
-    if "last" in params:  # a frame-streaming step: warm up, then time N/2 and N frames
+    if "last" in params:  # a frame-streaming step: warm up on 2 frames first
         small = {"qh": [0, 1, 1], "qk": [0, 1, 1], "ql": [0, 1, 1]} if step == "transform" else {}
         timed(last=2, **small)  # imports, numba caches, pyFAI set-up
-        half, _ = timed(last=params["last"] // 2)
     seconds, summary = timed()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     names = ("maximum", "npeaks", "counts", "pixels", "mpix_per_s", "threads", "frames",
              "memory_gb", "output_gb")  # fmt: skip
     keep = {k: summary.get(k) for k in names}
-    print("RESULT " + json.dumps({"seconds": seconds, "half_seconds": half, "peak_rss": peak,
-                                  "summary": keep}, default=str))  # fmt: skip
+    print("RESULT " + json.dumps({"seconds": seconds, "peak_rss": peak, "summary": keep},
+                                 default=str))  # fmt: skip
     return 0
 
 
@@ -142,96 +142,44 @@ def grid_for(scan: Path, n: int, n_frames: int) -> dict[str, list[float]]:
     return out
 
 
-def extrapolate(times: dict[str, dict[str, Any]], n_frames: int) -> float:
+def extrapolate(
+    times: dict[str, dict[str, Any]], n_frames: int, frame_pixels: int = FRAME_PIXELS
+) -> float:
     """Reduction time of a temperature point (3 rotations of 3650 frames).
 
-    A frame-streaming step was timed on N/2 and N frames: its time at 3650 frames is
-    ``t(N) + slope x (3650 - N)`` with the measured per-frame slope (at least the
-    average rate ``t(N)/N`` - never optimistic).  Refine and combine are counted once
-    per rotation.
+    ``max``, ``find`` and ``prepare`` are scaled by ``3650 / N`` as a whole (their fixed
+    costs too: pessimistic - some of these steps read every frame of the stack whatever
+    the range, so timing a shorter range would not separate the costs).  For the
+    transform, the accumulation (pixels / the measured Mpix/s) is scaled and the rest
+    (grid set-up, writing the output) counted once per rotation.  Refine and combine
+    count once per rotation.
     """
+    scale = POINT_FRAMES / n_frames
     rot = 0.0
     for step in STEPS:
         t = times[step]["seconds"]
-        half = times[step].get("half_seconds")
-        if half is not None:
-            slope = max((t - half) / (n_frames - n_frames // 2), 0.0)
-            slope = max(slope, 0.5 * t / n_frames)  # guard against a noisy half run
-            rot += t + slope * (POINT_FRAMES - n_frames)
+        if step in ("max", "find", "prepare"):
+            rot += t * scale
+        elif step == "transform" and times[step]["summary"].get("mpix_per_s"):
+            s = times[step]["summary"]
+            kernel = n_frames * frame_pixels / (float(s["mpix_per_s"]) * 1e6)
+            rot += kernel * scale + max(0.0, t - kernel)
         else:
             rot += t
     return POINT_ROTATIONS * rot
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--frames", type=int, default=900)
-    ap.add_argument("--grid", type=int, default=1001, help="transform grid points per axis")
-    ap.add_argument("--quick", action="store_true", help="small detector, 40 frames, 101^3")
-    ap.add_argument("--cores", default="1,2", help="core counts to time (default 1,2)")
-    ap.add_argument("--tmpdir", default=None, help="where to make the data (default: TMPDIR)")
-    ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--scan", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--entry", default="f1", help=argparse.SUPPRESS)
-    ap.add_argument("--params", default="{}", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.child:
-        args.cores = int(args.cores)
-        return _child(args)
-    if args.quick:
-        args.frames, args.grid = 40, 101
-    cores = [int(c) for c in args.cores.split(",")]
-    frame_bytes = (407 * 487 * 4) if args.quick else FRAME_BYTES
-    raw_bytes = args.frames * frame_bytes
-    out_bytes = 2 * 8 * args.grid**3  # transform + combine
-    need = raw_bytes * (1 + 1 / BSLZ4_RATIO) + 2 * out_bytes + args.frames * frame_bytes / 4
-    base = Path(args.tmpdir or tempfile.gettempdir())
-    free = shutil.disk_usage(base).free
-    print(f"data: {args.frames} frames raw {raw_bytes / 1e9:.2f} GB + bslz4 (~1/{BSLZ4_RATIO:g}); "
-          f"transform and combine outputs {out_bytes / 1e9:.2f} GB per format run; "
-          f"needs about {need / 1e9:.1f} GB in {base} ({free / 1e9:.1f} GB free)")  # fmt: skip
-    if need > 0.9 * free:
-        print("not enough free disk space: use --frames/--grid smaller or --tmpdir elsewhere")
-        return 2
-    results: dict[str, Any] = {"frames": args.frames, "grid": args.grid, "runs": {}}
-    with tempfile.TemporaryDirectory(prefix="bench-tpoint-", dir=base) as tmp:
-        scans = make_scans(Path(tmp), args.frames, args.quick)
-        grid = grid_for(scans["raw"], args.grid, args.frames)
-        print("transform grid: " + ", ".join(f"{k} {v[0]:g}:{v[2]:g}:{v[1]:g}"
-                                              for k, v in grid.items()))  # fmt: skip
-        params = {
-            "max": {"first": 0, "last": args.frames},
-            "find": {"first": 0, "last": args.frames, "threshold": 50.0},
-            "refine": {},
-            "prepare": {"first": 0, "last": args.frames},
-            "transform": {"first": 0, "last": args.frames, "mask": True, **grid},
-            "combine": {"mask": True},
-        }
-        for n in cores:
-            for fmt, scan in scans.items():
-                times = {}
-                for step in STEPS:
-                    r = run_step_process(step, scan, n, params[step])
-                    times[step] = r
-                    extra = {k: v for k, v in r["summary"].items() if v is not None}
-                    half = r.get("half_seconds")
-                    print(f"  {n} core(s) {fmt:5s} {step:9s} {r['seconds']:8.1f} s"
-                          + (f" (N/2: {half:.1f} s)" if half is not None else "")
-                          + f"  peak RSS {r['peak_rss'] / 1e9:5.2f} GB  {extra}",
-                          flush=True)  # fmt: skip
-                total = sum(t["seconds"] for t in times.values())
-                point = extrapolate(times, args.frames)
-                collect = POINT_ROTATIONS * POINT_FRAMES * FRAME_TIME
-                results["runs"][f"{fmt}_{n}"] = {
-                    "steps": times, "rotation_s": total, "point_s": point,
-                    "ratio": point / collect,
-                    "rotation_ratio": total / (args.frames * FRAME_TIME),
-                }  # fmt: skip
-                print(f"  {n} core(s) {fmt}: rotation {total:.1f} s for {args.frames} frames "
-                      f"({total / (args.frames * FRAME_TIME):.2f} of its collection); "
-                      f"temperature point ~{point:.0f} s vs {collect:.0f} s collection: "
-                      f"ratio {point / collect:.2f}", flush=True)  # fmt: skip
+def evaluate(results: dict[str, Any]) -> list[tuple[str, bool]]:
+    """Extrapolate every run to a temperature point, print the figures and the gates."""
+    collect = POINT_ROTATIONS * POINT_FRAMES * FRAME_TIME
+    n_frames, pixels = results["frames"], results.get("frame_pixels", FRAME_PIXELS)
+    for key, run in results["runs"].items():
+        run["point_s"] = extrapolate(run["steps"], n_frames, pixels)
+        run["ratio"] = run["point_s"] / collect
+        print(f"  {key}: rotation {run['rotation_s']:.1f} s for {n_frames} frames "
+              f"({run['rotation_s'] / (n_frames * FRAME_TIME):.2f} of its collection); "
+              f"temperature point ~{run['point_s']:.0f} s vs {collect:.0f} s collection: "
+              f"ratio {run['ratio']:.2f}", flush=True)  # fmt: skip
     runs = results["runs"]
     gates = []
     if "raw_1" in runs and "bslz4_1" in runs:
@@ -257,6 +205,77 @@ def main(argv: list[str] | None = None) -> int:
             gates.append((f"{fmt}: reduction / collection <= 1.0 with 1 core ({r:.2f})", r <= 1.0))
     for label, ok in gates:
         print(f"[{'PASS' if ok else 'FAIL'}] {label}")
+    return gates
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--frames", type=int, default=900)
+    ap.add_argument("--grid", type=int, default=1001, help="transform grid points per axis")
+    ap.add_argument("--quick", action="store_true", help="small detector, 40 frames, 101^3")
+    ap.add_argument("--cores", default="1,2", help="core counts to time (default 1,2)")
+    ap.add_argument("--tmpdir", default=None, help="where to make the data (default: TMPDIR)")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--recompute", type=Path, default=None,
+                    help="recompute the extrapolation and gates from a --json file")  # fmt: skip
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--scan", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--entry", default="f1", help=argparse.SUPPRESS)
+    ap.add_argument("--params", default="{}", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        args.cores = int(args.cores)
+        return _child(args)
+    if args.recompute:
+        saved = json.loads(args.recompute.read_text())["results"]
+        gates = evaluate(saved)
+        return 0 if all(ok for _, ok in gates) else 1
+    if args.quick:
+        args.frames, args.grid = 40, 101
+    cores = [int(c) for c in args.cores.split(",")]
+    frame_bytes = (407 * 487 * 4) if args.quick else FRAME_BYTES
+    raw_bytes = args.frames * frame_bytes
+    out_bytes = 2 * 8 * args.grid**3  # transform + combine
+    need = raw_bytes * (1 + 1 / BSLZ4_RATIO) + 2 * out_bytes + args.frames * frame_bytes / 4
+    base = Path(args.tmpdir or tempfile.gettempdir())
+    free = shutil.disk_usage(base).free
+    print(f"data: {args.frames} frames raw {raw_bytes / 1e9:.2f} GB + bslz4 (~1/{BSLZ4_RATIO:g}); "
+          f"transform and combine outputs {out_bytes / 1e9:.2f} GB per format run; "
+          f"needs about {need / 1e9:.1f} GB in {base} ({free / 1e9:.1f} GB free)")  # fmt: skip
+    if need > 0.9 * free:
+        print("not enough free disk space: use --frames/--grid smaller or --tmpdir elsewhere")
+        return 2
+    results: dict[str, Any] = {
+        "frames": args.frames, "grid": args.grid, "runs": {},
+        "frame_pixels": frame_bytes // 4,
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="bench-tpoint-", dir=base) as tmp:
+        scans = make_scans(Path(tmp), args.frames, args.quick)
+        grid = grid_for(scans["raw"], args.grid, args.frames)
+        print("transform grid: " + ", ".join(f"{k} {v[0]:g}:{v[2]:g}:{v[1]:g}"
+                                              for k, v in grid.items()))  # fmt: skip
+        params = {
+            "max": {"first": 0, "last": args.frames},
+            "find": {"first": 0, "last": args.frames, "threshold": 50.0},
+            "refine": {},
+            "prepare": {"first": 0, "last": args.frames},
+            "transform": {"first": 0, "last": args.frames, "mask": True, **grid},
+            "combine": {"mask": True},
+        }
+        for n in cores:
+            for fmt, scan in scans.items():
+                times = {}
+                for step in STEPS:
+                    r = run_step_process(step, scan, n, params[step])
+                    times[step] = r
+                    extra = {k: v for k, v in r["summary"].items() if v is not None}
+                    print(f"  {n} core(s) {fmt:5s} {step:9s} {r['seconds']:8.1f} s  peak RSS "
+                          f"{r['peak_rss'] / 1e9:5.2f} GB  {extra}", flush=True)  # fmt: skip
+                total = sum(t["seconds"] for t in times.values())
+                results["runs"][f"{fmt}_{n}"] = {"steps": times, "rotation_s": total}
+                print(f"  {n} core(s) {fmt}: rotation {total:.1f} s for {args.frames} frames",
+                      flush=True)  # fmt: skip
+    gates = evaluate(results)
     if args.json:
         args.json.write_text(json.dumps({"results": results, "gates": gates}, indent=1,
                                         default=str))  # fmt: skip
