@@ -2,9 +2,9 @@
 
 A fit is refused (:func:`judge` gives the reason) when
 
-* it uses fewer than ``min_rings`` rings, or less than ``min_ring_fraction`` of the resolved
-  calibrant rings that fall on the detector (a wrong calibrant, wavelength or start leaves
-  most predicted rings empty);
+* it uses fewer than ``min_rings`` rings, or less than ``min_ring_fraction`` of the lowest-angle
+  resolved calibrant rings that fall on the detector (a wrong calibrant, wavelength or start
+  leaves most predicted rings empty);
 * its RMS residual, measured across the rings in pixels, exceeds ``max_rms_pixels`` (a good
   fit scatters by a few hundredths of a pixel; a converged wrong geometry by pixels);
 * the image holds a strong ring the calibrant does not explain (:func:`unexplained_rings`):
@@ -28,22 +28,28 @@ def judge(
     *,
     failure: str,
     n_rings: int,
-    n_expected: int,
+    n_low_found: int,
+    n_low_expected: int,
     rms_pixels: float,
     rms_deg: float,
     min_rings: int,
     min_ring_fraction: float,
     max_rms_pixels: float,
 ) -> str:
-    """Why a fit is not acceptable, or ``''`` when it is."""
+    """Why a fit is not acceptable, or ``''`` when it is.
+
+    ``n_low_found`` of the ``n_low_expected`` lowest-angle resolved rings on the detector
+    were found (the share of rings is judged on low-angle rings, which every calibrant
+    shows strongly, so that weak high-angle rings missed in a good image do not count).
+    """
     if failure:
         return failure
     if n_rings < min_rings:
         return f"only {n_rings} ring(s) found (at least {min_rings} needed)"
-    if n_rings < min_ring_fraction * n_expected:
+    if n_low_found < min_ring_fraction * n_low_expected:
         return (
-            f"only {n_rings} of the {n_expected} rings expected on the detector were found "
-            f"(at least {min_ring_fraction:.0%} needed)"
+            f"only {n_low_found} of the {n_low_expected} lowest-angle rings expected on the "
+            f"detector were found (at least {min_ring_fraction:.0%} needed)"
         )
     if not rms_pixels <= max_rms_pixels:
         return (

@@ -58,6 +58,10 @@ logger = logging.getLogger(__name__)
 
 _PARAMS = ("dist", "poni1", "poni2", "rot1", "rot2")
 
+LOW_RINGS = 10
+"""The share of rings found is judged on this many lowest-angle rings on the detector
+(weak high-angle rings of a good image are often missed)."""
+
 
 @dataclass
 class _Fit:
@@ -71,6 +75,8 @@ class _Fit:
     rms_deg: float
     rms_pixels: float
     failure: str = ""
+    n_low_found: int = 0  # rings found among the LOW_RINGS lowest-angle expected ones
+    n_low_expected: int = 0
 
 
 def _refine_from(
@@ -137,10 +143,12 @@ def _refine_from(
         param, wavelength, points, resid = fit_with_rejection(
             model, points, dspacing, param, wavelength, False
         )
+        low = {plan.index for plan in plans[:LOW_RINGS]}
         fit = _Fit(
             param, wavelength, points, sorted(used), len(plans),
             float(np.degrees(np.sqrt(np.mean(resid**2)))),
             rms_pixels(model, points, resid, param),
+            n_low_found=len(low.intersection(used)), n_low_expected=len(low),
         )  # fmt: skip
         logger.debug(
             "calibration cycle %d: %d of %d rings, %d points, rms %.5f deg (%.3f px)",
@@ -155,7 +163,9 @@ def _refine_from(
         if all_used and converged:
             break
         cycles_all_used += all_used
-        hopeless = fit.rms_pixels > give_up or len(used) < give_up_fraction * len(plans)
+        hopeless = fit.rms_pixels > give_up or (
+            fit.n_low_found < give_up_fraction * fit.n_low_expected
+        )
         if cycles_all_used >= 4 or (cycles_all_used >= 2 and hopeless):
             break
         n_use = len(plans) if all_used else min(len(plans), max(n_use + 2, 2 * n_use))
@@ -167,6 +177,7 @@ def _refine_from(
             param, wavelength, points, fit.rings, fit.n_expected,
             float(np.degrees(np.sqrt(np.mean(resid**2)))),
             rms_pixels(model, points, resid, param),
+            n_low_found=fit.n_low_found, n_low_expected=fit.n_low_expected,
         )  # fmt: skip
     return fit
 
@@ -254,7 +265,8 @@ def calibrate_powder(
     min_rings : int
         Fewest rings an accepted fit must use (at least 2).
     min_ring_fraction : float
-        Smallest fraction of the resolved rings on the detector an accepted fit must use.
+        Smallest fraction of the :data:`LOW_RINGS` lowest-angle resolved rings on the
+        detector an accepted fit must use.
     max_rms_pixels : float
         Largest RMS residual (pixels, measured across the rings) of an accepted fit.
     max_unexplained : float or None
@@ -345,18 +357,20 @@ def calibrate_powder(
             give_up=max_rms_pixels, give_up_fraction=min_ring_fraction,
         )  # fmt: skip
         verdict = judge(
-            failure=fit.failure, n_rings=len(fit.rings), n_expected=fit.n_expected,
+            failure=fit.failure, n_rings=len(fit.rings), n_low_found=fit.n_low_found,
+            n_low_expected=fit.n_low_expected,
             rms_pixels=fit.rms_pixels, rms_deg=fit.rms_deg, min_rings=min_rings,
             min_ring_fraction=min_ring_fraction, max_rms_pixels=max_rms_pixels,
         )  # fmt: skip
-        if not verdict and max_unexplained is not None:
+        good_fit = not verdict
+        if good_fit and max_unexplained is not None:
             verdict = _check_unexplained(fit, model, intensity, cal, max_unexplained, pixel)
         logger.info(
             "%s: %d of %d rings, rms %.3f px -> %s",
             label, len(fit.rings), fit.n_expected, fit.rms_pixels, verdict or "accepted",
         )  # fmt: skip
         attempts.append((label, fit, verdict))
-        if not verdict:
+        if good_fit:  # accepted, or a good fit of the wrong calibrant: no start does better
             break
     # the best attempt: accepted, else a good fit refused for another reason, else most rings
     label, fit, verdict = min(
