@@ -251,10 +251,12 @@ def test_broken_data_link_names_the_missing_file(capsys, scan, tmp_path):
 
 
 # ------------------------------------------------------------------------ plans
-def test_reduction_plans(RE, scan):
+def test_reduction_plans(RE, scan, capsys):
     result = RE(reduce_scan(scan.scan_file, steps=["max", "find"], threshold=THRESHOLD))
-    summaries = result.plan_result
+    summaries = result.plan_result  # the plan returns its results (call_returns_result)
     assert result.exit_status == "success"
+    bars = capsys.readouterr().err  # and shows each step's progress
+    assert bars.count("100%") >= 4 and "f1" in bars and "f2" in bars
     assert set(summaries) == {"max:f1", "max:f2", "find:f1", "find:f2"}
     assert summaries["find:f1"]["npeaks"] > 20
     with h5py.File(scan.scan_file, "r") as f:

@@ -47,9 +47,14 @@ def reduce_scan(
     entries: Sequence[str] | None = None,
     *,
     overwrite: bool = False,
+    progress: bool = True,
     **parameters: Any,
 ) -> MsgGenerator[dict[str, dict[str, Any]]]:
     """Run reduction ``steps`` (default: all, in order) on a scan file.
+
+    The plan returns its results: ``RE(reduce_scan(...))`` gives them as
+    ``.plan_result`` when the RunEngine was made with ``call_returns_result=True``
+    (otherwise the RunEngine returns the uids of runs, and this plan opens none).
 
     Parameters
     ----------
@@ -61,6 +66,8 @@ def reduce_scan(
         Rotation entries for per-entry steps (default: all).
     overwrite : bool
         Redo steps that are already done.
+    progress : bool
+        Show each step's progress bar (on standard error) and log each step.
     **parameters
         Explicit step parameters (``threshold=...``), each given to the steps that have
         it, or ``<step>={...}`` for one step only; unset ones come from settings.  A
@@ -82,8 +89,15 @@ def reduce_scan(
         accepted = per_step[name]
         for entry in step_entries(name, scan_file, entries):
             work = functools.partial(
-                run_step, name, scan_file, entry, overwrite=overwrite, **accepted
+                run_step,
+                name,
+                scan_file,
+                entry,
+                overwrite=overwrite,
+                progress=progress,
+                **accepted,
             )
+            logger.info("reduce_scan: %s on %s:%s", name, scan_file, entry)
             box: dict[str, Any] = {}
 
             async def _work(work: Callable[[], dict] = work, box: dict = box) -> None:
