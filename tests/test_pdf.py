@@ -260,6 +260,20 @@ def test_symmetrize_at_averages_orbits():
         symmetrize_at(np.array([1.0]), flat[:1], group, grid)
 
 
+@pytest.mark.parametrize("laue", ["m-3m", "4/mmm", "2/m", "-1", "6/mmm", "-3"])
+def test_symmetrize_at_equals_the_dense_symmetrisation(laue):
+    grid = centred_grid(21)
+    group = laue_group(laue=laue)
+    rng = np.random.default_rng(2)
+    seed = (rng.random(grid.shape) < 0.05).astype(np.float32)
+    closed = symmetrize(seed, np.ones_like(seed), group, grid)[0] > 0  # a symmetric set
+    vals = rng.random(grid.shape).astype(np.float32) * closed
+    dense, _ = symmetrize(vals, closed.astype(np.float32), group, grid)
+    flat = np.flatnonzero(closed)
+    sparse = symmetrize_at(vals.reshape(-1)[flat], flat, group, grid)
+    np.testing.assert_allclose(sparse, dense.reshape(-1)[flat], rtol=1e-6, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------- fill
 def _sphere(r):
     d = np.arange(-r, r + 1)

@@ -427,9 +427,35 @@ def symmetrize_at(
     il, rem = np.divmod(sflat, nk * nh)
     ik, ih = np.divmod(rem, nh)
     idx = np.stack([ih, ik, il])
+    dims = np.array([nh, nk, nl])[:, None]
+
+    def lookup(src: NDArray[np.int64], vals: NDArray[np.float64]) -> NDArray[np.float64]:
+        f = (src[2] * nk + src[1]) * nh + src[0]
+        pos = np.minimum(np.searchsorted(sflat, f), len(sflat) - 1)
+        if not np.array_equal(sflat[pos], f):
+            raise ReductionError(
+                "symmetrize_at: the voxel set is not closed under the Laue group "
+                f"{group.name}; punch every symmetry-equivalent reflection"
+            )
+        return vals[pos]
+
+    split = _diagonal_split(w)
+    if split is not None:  # signed permutations: flips, then one operator per coset
+        flips, reps = split
+        summed = svals.copy()
+        for axes in flips:
+            img = idx.copy()
+            for axis in axes:  # array axis [l, k, h] -> index component (h, k, l)
+                img[2 - axis] = dims[2 - axis, 0] - 1 - img[2 - axis]
+            summed = summed + lookup(img, summed)
+        total = np.zeros(len(sflat))
+        for r in reps:
+            total += lookup(w[r] @ idx + t[r][:, None], summed)
+        out = np.empty_like(total)
+        out[order] = total / (len(reps) * 2 ** len(flips))
+        return out
     total = np.zeros(len(sflat))
     count = np.zeros(len(sflat))
-    dims = np.array([nh, nk, nl])[:, None]
     for wi, ti in zip(w, t, strict=True):
         src = wi @ idx + ti[:, None]
         for s in (src, dims - 1 - src):
