@@ -168,3 +168,31 @@ def test_overwrite_replaces_a_previous_demo(tmp_path, capsys):
     assert not leftover.exists()
     with h5py.File(tmp_path / "demo" / "nxrefine" / "demo" / "xtal1" / "demo_300K.nxs") as f:
         assert f["f1/data/data"].shape == (5, 619, 487)
+
+
+def test_slice_titles_name_sample_temperature_and_plane(demo, monkeypatch):
+    """PNG titles: sample, label, scan and temperature from the scan file; no "-0"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.figure
+
+    from nxrefine_bs.plots import _slice_title, plot_slice
+
+    _, result = demo
+    transform = result.scan_files[1].parent / "100K" / "transform.nxs"
+    assert _slice_title(transform) == "demo xtal1 100K, T = 100 K (transform.nxs)"
+    titles = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *args, **kwargs):  # the real savefig runs; the labels are kept
+        ax, bar = fig.axes
+        titles.append((ax.get_title(), bar.get_ylabel()))
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    png = plot_slice(transform, axis="l", value=-0.0, png=transform.with_name("minus0.png"))
+    assert png.stat().st_size > 1000
+    ((title, label),) = titles
+    assert title.endswith("\nL = 0") and "T = 100 K" in title
+    assert "counts" in label
