@@ -267,3 +267,56 @@ def test_installed_script_help(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("nxrefine-bs: error: server settings file")
+
+
+def test_settings_inside_an_experiment(capsys, monkeypatch, experiment, server_settings):
+    """Inside an experiment, settings show/edit act on its file unless --server."""
+    monkeypatch.chdir(experiment.directory)
+    code, out, err = _run(capsys, "settings", "edit", "--set", "nxreduce.threshold=20000")
+    assert code == 0, err
+    assert out.strip() == str(experiment.settings_file) and "--server" in err
+    assert load_experiment_settings(experiment.directory)["nxreduce"]["threshold"] == 20000
+    assert load_server_settings()["nxreduce"]["threshold"] != 20000
+    sample_dir = experiment.new_sample("TiSe2", "xtal1")  # from below the experiment too
+    monkeypatch.chdir(sample_dir)
+    code, out, _ = _run(capsys, "settings", "show")
+    assert code == 0 and f"# {experiment.settings_file}" in out and "threshold = 20000" in out
+    assert "[server]" not in out
+    code, out, _ = _run(capsys, "settings", "edit", "--server", "--set", "nxreduce.threshold=9")
+    assert code == 0 and out.strip() == str(server_settings)
+    assert load_server_settings()["nxreduce"]["threshold"] == 9
+    # [server] keys exist only in the server file
+    code, out, _ = _run(capsys, "settings", "edit", "--set", "server.cores=3")
+    assert code == 0 and out.strip() == str(server_settings)
+    assert load_server_settings()["server"]["cores"] == 3
+    code, out, _ = _run(capsys, "settings", "show", "--server")
+    assert "[server]" in out and f"# {server_settings}" in out
+
+
+def test_negative_values_and_parent_relative_to_cwd(capsys, monkeypatch, experiment):
+    monkeypatch.chdir(experiment.directory)
+    code, _, err = _run(
+        capsys, "configuration", "new", "neg", "--detector", "Pilatus 100k",
+        "--position", "-90,0", "--position", "-90,-15.5", "--phi-start", "-5",
+    )  # fmt: skip
+    assert code == 0, err
+    with h5py.File(experiment.configuration_file("neg"), "r") as f:
+        assert [float(f[e]["instrument/goniometer/omega"][()]) for e in ("f1", "f2")] == [
+            0.0,
+            -15.5,
+        ]
+        assert float(f["f1/instrument/goniometer/chi"][()]) == -90.0
+    for temperature in ("300", "100"):
+        argv = ["scan", "new", "TiSe2", "xtal1", "-c", "neg", "--temperature", temperature]
+        if temperature == "100":
+            argv += ["--parent", "TiSe2/xtal1/TiSe2_300K.nxs"]  # relative to the cwd
+        code, _, err = _run(capsys, *argv)
+        assert code == 0, err
+    with h5py.File(experiment.directory / "TiSe2/xtal1/TiSe2_100K.nxs", "r") as f:
+        parent = f["entry/nxscans/parent"][()]
+    assert (parent.decode() if isinstance(parent, bytes) else str(parent)) == "TiSe2_300K.nxs"
+    code, _, err = _run(
+        capsys, "scan", "new", "TiSe2", "xtal1", "-c", "neg", "--temperature", "50",
+        "--parent", "TiSe2_300K.nxs",
+    )  # fmt: skip
+    assert code == 2 and "TiSe2_300K.nxs does not exist" in _one_line_error(err)
