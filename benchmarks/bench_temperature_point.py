@@ -70,9 +70,14 @@ def _child(args: argparse.Namespace) -> int:
     params: dict[str, Any] = json.loads(args.params)
     step = args.child
 
+    def cpu() -> float:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+
     def timed(**over: Any) -> tuple[float, dict[str, Any]]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu()
         out = run_step(step, args.scan, args.entry, overwrite=True, **{**params, **over})
+        out["_cpu_s"] = cpu() - c0
         return time.perf_counter() - t0, out
 
     if "last" in params:  # a frame-streaming step: warm up on 2 frames first
@@ -83,8 +88,8 @@ def _child(args: argparse.Namespace) -> int:
     names = ("maximum", "npeaks", "counts", "pixels", "mpix_per_s", "threads", "frames",
              "memory_gb", "output_gb")  # fmt: skip
     keep = {k: summary.get(k) for k in names}
-    print("RESULT " + json.dumps({"seconds": seconds, "peak_rss": peak, "summary": keep},
-                                 default=str))  # fmt: skip
+    print("RESULT " + json.dumps({"seconds": seconds, "cpu_s": summary["_cpu_s"], "peak_rss": peak,
+                                  "summary": keep}, default=str))  # fmt: skip
     return 0
 
 
@@ -176,6 +181,10 @@ def evaluate(results: dict[str, Any]) -> list[tuple[str, bool]]:
     for key, run in results["runs"].items():
         run["point_s"] = extrapolate(run["steps"], n_frames, pixels)
         run["ratio"] = run["point_s"] / collect
+        cpu = sum(t.get("cpu_s") or 0.0 for t in run["steps"].values())
+        if cpu:
+            print(f"  {key}: CPU time {cpu:.1f} s, {cpu / run['rotation_s']:.2f} cores busy on "
+                  "average (machine load shows as < 1 per core)")  # fmt: skip
         print(f"  {key}: rotation {run['rotation_s']:.1f} s for {n_frames} frames "
               f"({run['rotation_s'] / (n_frames * FRAME_TIME):.2f} of its collection); "
               f"temperature point ~{run['point_s']:.0f} s vs {collect:.0f} s collection: "
@@ -269,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
                     r = run_step_process(step, scan, n, params[step])
                     times[step] = r
                     extra = {k: v for k, v in r["summary"].items() if v is not None}
-                    print(f"  {n} core(s) {fmt:5s} {step:9s} {r['seconds']:8.1f} s  peak RSS "
-                          f"{r['peak_rss'] / 1e9:5.2f} GB  {extra}", flush=True)  # fmt: skip
+                    print(f"  {n} core(s) {fmt:5s} {step:9s} {r['seconds']:8.1f} s (CPU "
+                          f"{r.get('cpu_s', 0):6.1f} s)  peak RSS {r['peak_rss'] / 1e9:5.2f} GB"
+                          f"  {extra}", flush=True)  # fmt: skip
                 total = sum(t["seconds"] for t in times.values())
                 results["runs"][f"{fmt}_{n}"] = {"steps": times, "rotation_s": total}
                 print(f"  {n} core(s) {fmt}: rotation {total:.1f} s for {args.frames} frames",
