@@ -214,7 +214,7 @@ def _choose_decoder(filters: list[tuple[int, tuple[int, ...]]]) -> tuple[str, De
     if ids == [32008]:
         dec = _bitshuffle_decoder(filters[0][1])
         comp = filters[0][1][4] if len(filters[0][1]) > 4 else 0
-        return ("bitshuffle-lz4" if comp == 2 else "bitshuffle-zstd"), dec
+        return {2: "bitshuffle-lz4", 3: "bitshuffle-zstd"}.get(comp, "bitshuffle"), dec
     if ids == [1]:
         return "gzip", _gzip_decoder(False)
     if ids == [2, 1]:
