@@ -223,7 +223,7 @@ def test_transient_io_errors_are_retried_by_dask(tmp_path):
     sim = make_simulated_scan(tmp_path, n_frames=3, omegas=(0.0, 30.0))
     db = WorkflowDB(tmp_path)
     with DaskExecutor("local", n_workers=1, processes=False, threads_per_worker=1) as ex:
-        queue = ReductionQueue(db, ex, registry={"flaky": wf_steps.CHEAP["flaky"]})
+        queue = ReductionQueue(db, ex, registry=wf_steps.FLAKY)
         queue.submit(sim.scan_file)
         (result,) = queue.wait(timeout=60)
     assert result.ok

@@ -158,5 +158,6 @@ REGISTRY = {
 CHEAP = {
     "touch": Step("touch", "wf_touch", f"{MODULE}:touch_step"),
     "touch2": Step("touch2", "wf_touch2", f"{MODULE}:touch2_step", requires=("touch",)),
-    "flaky": Step("flaky", "wf_flaky", f"{MODULE}:flaky_step"),
 }
+
+FLAKY = {"flaky": Step("flaky", "wf_flaky", f"{MODULE}:flaky_step")}

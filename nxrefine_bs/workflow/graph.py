@@ -62,9 +62,10 @@ class TaskSpec:
     """One task of the graph: everything a worker needs, as plain picklable data.
 
     ``deps`` are keys of tasks (of this graph or of an earlier submission still
-    running) whose results this task receives; ``params`` are the explicit
-    parameters of this step as submitted (resolved through the settings layers when
-    the task runs).
+    running) whose results this task receives; the ``soft`` ones only order the work
+    (``requires_all``, ``from_first``, ``in_order``): their failure does not block it.
+    ``params`` are the explicit parameters of this step as submitted (resolved through
+    the settings layers when the task runs).
     """
 
     key: str
@@ -72,6 +73,7 @@ class TaskSpec:
     entry: str
     step: Step
     deps: tuple[str, ...] = ()
+    soft: tuple[str, ...] = ()
     params: dict[str, Any] = field(default_factory=dict)
     overwrite: bool = False
     heavy: bool = False
@@ -132,18 +134,23 @@ def requirement_targets(step: Step, req: Step, entry: str, entries: Sequence[str
 
 
 def requirements(
-    step: Step, registry: Mapping[str, Step], entry: str, entries: Sequence[str]
+    step: Step,
+    registry: Mapping[str, Step],
+    entry: str,
+    entries: Sequence[str],
+    *,
+    shared: bool = True,
 ) -> list[tuple[Step, str]]:
     """``(required step, entry)`` pairs that ``step`` on ``entry`` needs, without repeats.
 
-    ``requires`` on the same entry (every entry for a per-scan step), ``requires_all``
-    on every entry.
+    ``requires`` on the same entry (every entry for a per-scan step), and with
+    ``shared`` also ``requires_all`` on every entry.
     """
     out: list[tuple[Step, str]] = []
     for req_name in step.requires:
         req = _lookup(registry, req_name)
         out += [(req, t) for t in requirement_targets(step, req, entry, entries)]
-    for req_name in getattr(step, "requires_all", ()):
+    for req_name in getattr(step, "requires_all", ()) if shared else ():
         req = _lookup(registry, req_name)
         out += [(req, t) for t in (list(entries) if req.per_entry else [SCAN_ENTRY])]
     unique: list[tuple[Step, str]] = []
@@ -254,26 +261,32 @@ def build_graph(
                 if pending is not None and not overwrite:
                     keys[(scan_file, entry, step.name)] = pending
                     continue
-                deps: list[str] = []
-                for req, target in requirements(step, registry, entry, all_entries):
-                    dep = keys.get((scan_file, target, req.name))
+                def key_of(path: Path, target: str, name: str) -> str | None:
+                    dep = keys.get((path, target, name))
                     if dep is None and running is not None:
-                        dep = running(scan_file, target, req.name)
-                    if dep is not None:
-                        deps.append(dep)
-                for earlier in _earlier_entries(step, entry, all_entries):
-                    dep = keys.get((scan_file, earlier, step.name))
-                    if dep is None and running is not None:
-                        dep = running(scan_file, earlier, step.name)
-                    if dep is not None:
-                        deps.append(dep)
+                        dep = running(path, target, name)
+                    return dep
+
+                hard = [
+                    key_of(scan_file, target, req.name)
+                    for req, target in requirements(
+                        step, registry, entry, all_entries, shared=False
+                    )
+                ]
                 parent = parents[scan_file]
                 if from_parent(step) and parent is not None:
-                    dep = keys.get((parent, entry, step.name))
-                    if dep is None and running is not None:
-                        dep = running(parent, entry, step.name)
-                    if dep is not None:
-                        deps.append(dep)
+                    hard.append(key_of(parent, entry, step.name))
+                # ordering only: run after these if they are queued, never fail for them
+                soft = [
+                    key_of(scan_file, target, req.name)
+                    for req, target in requirements(step, registry, entry, all_entries)
+                ] + [
+                    key_of(scan_file, earlier, step.name)
+                    for earlier in _earlier_entries(step, entry, all_entries)
+                ]
+                hard_keys = [k for k in dict.fromkeys(hard) if k is not None]
+                soft_keys = [k for k in dict.fromkeys(soft) if k is not None and k not in hard]
+                deps = hard_keys + soft_keys
                 stored = params_for(scan_file, entry, step.name) if params_for else None
                 key = task_key(scan_file, entry, step.name, token)
                 keys[(scan_file, entry, step.name)] = key
@@ -283,7 +296,8 @@ def build_graph(
                         scan_file=str(scan_file),
                         entry=entry,
                         step=step,
-                        deps=tuple(dict.fromkeys(deps)),
+                        deps=tuple(deps),
+                        soft=tuple(soft_keys),
                         params=dict(stored)
                         if stored is not None
                         else step_params(params, step.name),

@@ -145,7 +145,7 @@ def _requirement_problem(
     scan_file = Path(spec.scan_file)
     checks: list[tuple[Path, str, Step, str]] = []
     try:
-        pairs = requirements(spec.step, registry, spec.entry, entries)
+        pairs = requirements(spec.step, registry, spec.entry, entries, shared=False)
     except WorkflowError as exc:
         return str(exc)
     for req, target in pairs:
@@ -266,7 +266,11 @@ def _run(
     step, entry = spec.step, spec.entry
     label = f"{step.name} on {scan_file.name}:{entry}"
     for dep in dep_results:
-        if isinstance(dep, Mapping) and dep.get("status") == "failed":
+        if (
+            isinstance(dep, Mapping)
+            and dep.get("status") == "failed"
+            and dep.get("key") not in spec.soft
+        ):
             other = Path(str(dep.get("scan_file")))
             of = "" if other == scan_file else f" of {other.name}"
             problem = f"blocked: requires {dep.get('step')} on {dep.get('entry')}{of}, which failed"
