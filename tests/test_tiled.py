@@ -140,3 +140,11 @@ def test_server_uri_from_settings(tmp_path, monkeypatch):
         register_processed(client, sim.scan_file)
         assert list(find_processed(client, sample="Si")) == ["Si_xtal1_300K"]
         assert find_processed(client)["Si_xtal1_300K"]["f1/data/data"].shape[0] == 3
+
+
+def test_databroker_v1_imports():
+    """databroker's v1 API needs humanize, a declared dependency."""
+    import importlib
+
+    v1 = importlib.import_module("databroker.v1")
+    assert hasattr(v1, "Broker")
