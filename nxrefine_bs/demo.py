@@ -227,9 +227,15 @@ def superlattice_signal(
 
 
 def summarise_scan(
-    scan_file: Path, temperature: float, png: Path | None = None
+    scan_file: Path,
+    temperature: float,
+    png: Path | None = None,
+    thermal: ThermalModel | None = DEMO_THERMAL,
 ) -> TemperatureSummary:
-    """Collect peaks, indexing, refined cell and superlattice signal of one scan."""
+    """Collect peaks, indexing, refined cell and superlattice signal of one scan.
+
+    ``thermal`` is the model the simulator used (for the order parameter column).
+    """
     import h5py
 
     from .nexus.provenance import process_done, read_process
@@ -237,7 +243,7 @@ def summarise_scan(
     out = TemperatureSummary(
         temperature=float(temperature),
         scan_file=scan_file,
-        order_parameter=DEMO_THERMAL.order_parameter(temperature),
+        order_parameter=0.0 if thermal is None else thermal.order_parameter(temperature),
         png=png,
     )
     cells, errors = [], []
@@ -465,12 +471,7 @@ def run_demo(
                         title=f"{SAMPLE} {LABEL}, T = {temperature:g} K",
                     )
                     result.plots.append(png)
-                summary = summarise_scan(scan_file, temperature, png)
-                if thermal is None:
-                    summary.order_parameter = 0.0
-                else:
-                    summary.order_parameter = thermal.order_parameter(temperature)
-                result.summary.append(summary)
+                result.summary.append(summarise_scan(scan_file, temperature, png, thermal))
         if session.tiled is not None:
             from .tiled.processed import register_experiment
             from .workflow.database import WorkflowDB
