@@ -464,7 +464,7 @@ class Geometry:
         return float(self.two_theta(xs, ys).max())
 
     def q_max(self) -> float:
-        """Largest |Q| = 2 sin(theta)/lambda (1/Angstrom, no 2 pi) on the detector."""
+        """Largest ``|Q| = 2 sin(theta)/lambda`` (1/Angstrom, no 2 pi) on the detector."""
         return 2.0 * math.sin(math.radians(self.max_two_theta() / 2)) / self.wavelength
 
 
