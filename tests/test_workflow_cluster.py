@@ -84,6 +84,13 @@ queue.close()
     return python_client(script, wait=False)
 
 
+def _restrictions(dask_scheduler) -> dict:
+    """Runs on the scheduler: each task's resource restrictions."""
+    return {
+        str(k): dict(ts.resource_restrictions or {}) for k, ts in dask_scheduler.tasks.items()
+    }
+
+
 def _submitted(proc) -> int:
     line = proc.stdout.readline()
     assert line.startswith("SUBMITTED"), (line, proc.stderr.read() if proc.poll() else "")
@@ -136,6 +143,11 @@ def test_detached_client_exits_and_graph_completes(tmp_path, cluster, gate):
     assert _submitted(client) == 5
     assert client.wait(60) == 0  # the client is gone...
     assert not _all_done(db, files)  # ...before the work is done (the gate is shut)
+    with cluster.client() as c:  # the graph is in the scheduler, heavy steps restricted
+        held = c.run_on_scheduler(_restrictions)
+    grids = {k: v for k, v in held.items() if k.startswith("grid-sim_100K-")}
+    assert len(grids) == 2 and all(v == {"reduce_memory": 1} for v in grids.values())
+    assert any(k.startswith("merge-sim_100K-") and v == {} for k, v in held.items())
     gate.touch()
     wait_until(lambda: _all_done(db, files), TIMEOUT, "the detached graph to complete")
     # dependency order held: merge ran after both grids
