@@ -35,7 +35,6 @@ from nxrefine_bs.simulation.crystal import SimCrystal
 from nxrefine_bs.simulation.frames import DetectorModel
 from nxrefine_bs.tiled import archive_callback, close_catalog, open_catalog
 from nxrefine_bs.tiled.replay import (
-    SERVER_CONFIG_HINT,
     ReplayError,
     reduction_results,
     replay_runs,
@@ -245,7 +244,6 @@ def test_replay_command_twice_into_a_new_tree(recorded, capsys):
     }
 
 
-
 @pytest.mark.parametrize("mode", ["step", "v1"])
 def test_step_scans_replay_equal_to_live(RE, experiment, mode):
     """ophyd-async and ophyd v1 step rotations: replay equals live in every dataset."""
@@ -326,7 +324,7 @@ def test_replay_over_reduction_results_needs_overwrite(recorded, capsys):
 # --------------------------------------------------------------------- a real tiled serve
 @pytest.fixture
 def served(RE, experiment, tmp_path):
-    """A ``tiled serve config`` with the json-seq exporter, holding two fly rotations."""
+    """``tiled serve config`` with :data:`SERVER_CONFIG_HINT`, holding two fly rotations."""
     from tiled_server import TiledServer
 
     exp = experiment.directory
@@ -354,14 +352,3 @@ def test_replay_from_a_tiled_server_with_api_key(served, capsys, monkeypatch):
     code = main(["replay", server.uri, "--uid", uids[0]])  # no key: refused by the server
     _, err = capsys.readouterr()
     assert code == 2 and server.uri in err
-
-
-def test_server_config_hint_registers_the_exporter():
-    """The hint printed on HTTP 406 is valid Tiled config (the fixture above serves it)."""
-    import yaml
-    from tiled.config import parse_configs  # noqa: F401  (the hint targets this parser)
-
-    config = yaml.safe_load(SERVER_CONFIG_HINT)
-    assert config["media_types"]["BlueskyRun"]["application/json-seq"] == (
-        "bluesky_tiled_plugins.exporters:json_seq_exporter"
-    )

@@ -7,9 +7,9 @@ always kills it at the end.  Two flavours:
 
 * ``exporter=False``: a stock ``tiled serve catalog CATALOG --init -w DATA -w duckdb:///..
   -r READ --api-key K`` (no ``application/json-seq`` exporter: ``documents()`` gets 406);
-* ``exporter=True``: ``tiled serve config CONFIG`` with the same catalog plus the
-  ``media_types`` entry registering bluesky-tiled-plugins' ``json_seq_exporter``
-  (:data:`nxrefine_bs.tiled.replay.SERVER_CONFIG_HINT`).
+* ``exporter=True``: ``tiled serve config CONFIG`` with the same catalog plus, verbatim,
+  the ``media_types`` entry that ``nxrefine-bs replay`` tells users to add
+  (:data:`nxrefine_bs.tiled.replay.SERVER_CONFIG_HINT`), so the replay test proves it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from nxrefine_bs.tiled.replay import SERVER_CONFIG_HINT
 
 API_KEY = "nxrefinebstestkey0123"
 START_TIMEOUT = 120.0
@@ -104,9 +106,7 @@ trees:
         - {d / "data"}
         - duckdb:///{d / "tables.duckdb"}
       readable_storage:{readable}
-media_types:
-  BlueskyRun:
-    application/json-seq: bluesky_tiled_plugins.exporters:json_seq_exporter
+{SERVER_CONFIG_HINT}
 """,
                 encoding="utf-8",
             )
