@@ -89,7 +89,7 @@ def test_expire_stale_and_reset_command(tmp_path, capsys):
 
 
 def test_killed_local_client_expires_and_retry_cleans_up(tmp_path, monkeypatch, capsys):
-    sim = make_simulated_scan(tmp_path, n_frames=3, omegas=(0.0,))
+    sim = make_simulated_scan(tmp_path, n_frames=3, omegas=(0.0, 30.0))
     gate = tmp_path / "gate"
     script = f"""
 from nxrefine_bs.workflow import LocalExecutor, ReductionQueue, WorkflowDB
@@ -114,7 +114,16 @@ queue.wait()
         os.kill(client.pid, signal.SIGKILL)
         client.wait(30)
     assert db.task_status(sim.scan_file, "f1", "grid") is Status.IN_PROGRESS
-    wait_until(lambda: db.task(sim.scan_file, "f1", "grid").lease_expired, 30, "the lease")
+    # the queued grid of f2 lived only in the dead process: failed at once
+    assert db.task_status(sim.scan_file, "f2", "grid") is Status.QUEUED
+    lost = {(r.entry, r.step) for r in db.expire_stale()}
+    assert ("f2", "grid") in lost
+    assert db.task(sim.scan_file, "f2", "grid").message.startswith("lost: the process")
+    def f1_expired():
+        rec = db.task(sim.scan_file, "f1", "grid")
+        return rec.lease_expired or rec.status is Status.FAILED  # (expired already above)
+
+    wait_until(f1_expired, 30, "the lease")
     assert _cli(["workflow", "status", "-x", str(tmp_path), "--no-color"]) == 0
     rec = db.task(sim.scan_file, "f1", "grid")
     assert rec.status is Status.FAILED and "lease expired" in rec.message
@@ -122,7 +131,7 @@ queue.wait()
     monkeypatch.setenv(wf_steps.GATE_ENV, str(gate))
     with ReductionQueue(db, LocalExecutor(1), registry=wf_steps.REGISTRY) as queue:
         (job,) = queue.retry()
-        assert job.steps == ["grid"]
+        assert job.steps == ["grid"] and [t.entry for t in job.tasks] == ["f1", "f2"]
         (result,) = queue.wait(timeout=60)
     assert result.ok
     assert not part.exists() and (sim.scan_dir / "f1_transform.nxs").exists()

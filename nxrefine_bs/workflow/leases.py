@@ -115,6 +115,7 @@ class TransitionsMixin:
         overwrite: bool = False,
         key: str | None = None,
         retrying: bool = False,
+        holder: str | None = None,
     ) -> bool:
         """Mark a task QUEUED with its job spec; False if a live process is running it.
 
@@ -130,6 +131,10 @@ class TransitionsMixin:
         retrying : bool
             The running task itself asks to be run again (a transient error): its
             own IN_PROGRESS row is requeued and the attempts are kept.
+        holder : str, optional
+            ``"local"`` when the queued task lives only in this process (a thread
+            executor): its host and pid are recorded, and :meth:`expire_stale` fails
+            the task if that process is gone before the task started.
         """
         spec = encode_params(params)
 
@@ -145,6 +150,10 @@ class TransitionsMixin:
             task.key = key
             task.params = spec
             task.overwrite = int(bool(overwrite))
+            if holder is not None:
+                task.worker = f"queued:{holder}"
+                task.host = socket.gethostname()
+                task.pid = os.getpid()
             return True
 
         return self._transition(scan_file, entry, step, fn)
@@ -308,6 +317,9 @@ class TransitionsMixin:
     def expire_stale(self, *, requeue: bool = False) -> list[TaskRecord]:
         """Turn IN_PROGRESS tasks whose lease ran out to FAILED (or QUEUED).
 
+        QUEUED tasks held by a local (thread) executor whose process on this host is
+        gone are turned FAILED too: nothing will ever run them.
+
         Parameters
         ----------
         requeue : bool
@@ -321,6 +333,15 @@ class TransitionsMixin:
 
         def fn(session: Session) -> list[TaskRecord]:
             out = []
+            for task, filename in self._rows(session, [Status.QUEUED]):
+                if _orphaned(task):
+                    out.append(to_record(task, filename))
+                    task.status = int(Status.FAILED)
+                    task.end_time = utcnow()
+                    task.message = (
+                        f"lost: the process that queued it (pid {task.pid} on {task.host}) "
+                        "is gone; run 'nxrefine-bs workflow retry'"
+                    )
             for task, filename in self._rows(session, [Status.IN_PROGRESS]):
                 if not _expired(task):
                     continue
@@ -365,6 +386,19 @@ class TransitionsMixin:
 
 def _expired(task: TaskRow) -> bool:
     return task.lease_expires is not None and task.lease_expires < utcnow()
+
+
+def _orphaned(task: TaskRow) -> bool:
+    """A QUEUED task held by a thread executor whose process on this host has died."""
+    if task.worker != "queued:local" or task.pid is None or task.host != socket.gethostname():
+        return False
+    try:
+        os.kill(task.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def _clear(task: TaskRow) -> None:

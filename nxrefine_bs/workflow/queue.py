@@ -176,6 +176,7 @@ class ReductionQueue:
                 params=spec.params,
                 overwrite=spec.overwrite,
                 key=spec.key,
+                holder="local" if isinstance(self.executor, LocalExecutor) else None,
             ):
                 logger.info("%s is running elsewhere; this task will wait for it", spec.key)
         jobs: dict[str, Job] = {}
