@@ -189,7 +189,9 @@ def make_qm2_raw_tree(
     sample, label : str
         Names.
     scans : mapping, optional
-        ``{scan directory: temperature}``; default ``{"300K": 300.0}``.
+        ``{scan directory: temperature}``; default ``{"300K": 300.0}``.  The temperature
+        reaches the simulator (it changes the frames with a ``thermal`` model among the
+        simulator options).
     positions : sequence of (chi, omega, theta)
         One rotation per position (nxrefine-bs angles, degrees); SPEC records
         ``chi`` as ``90 - chi`` and ``th`` as ``theta`` (omega is not logged).
@@ -273,6 +275,7 @@ def make_qm2_raw_tree(
                 detector,
                 n_frames,
                 seed=seed * 1000 + number,
+                temperature=float(temperature),
                 **simulator_kwargs,
             )
             image_dir = raw_directory / sample / label / scan / f"{sample}_{number:03d}"
