@@ -140,13 +140,31 @@ class Publisher:
         Directory made by :func:`make_keys` (enables CURVE encryption).
     """
 
-    def __init__(self, address: str = f"127.0.0.1:{DEFAULT_IN}", *, curve: Any = None) -> None:
+    def __init__(
+        self,
+        address: str = f"127.0.0.1:{DEFAULT_IN}",
+        *,
+        curve: Any = None,
+        connect_timeout: float = 10.0,
+    ) -> None:
         self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.PUB)
+        # XPUB, not PUB: the proxy's subscription arrives as a message, so we know when
+        # documents stop being dropped (0MQ's "slow joiner").
+        self._sock = self._ctx.socket(zmq.XPUB)
         self._sock.setsockopt(zmq.LINGER, 2000)
         if curve is not None:
             _curve_client(self._sock, Path(curve))
         self._sock.connect(_address(address))
+        self.connected = bool(self._sock.poll(int(connect_timeout * 1000)))
+        if self.connected:
+            self._sock.recv()
+        else:
+            logger.warning(
+                "no 0MQ proxy answered on %s within %s s; documents published before it "
+                "does are lost (start it with 'nxrefine-bs proxy')",
+                address,
+                connect_timeout,
+            )
         self._runs: dict[str, str] = {}  # descriptor/resource uid -> run uid
         self._seq: dict[str, int] = {}
         self._lock = threading.Lock()
