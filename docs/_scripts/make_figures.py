@@ -19,7 +19,9 @@ hand with ``python docs/_scripts/make_figures.py [OUTDIR] [--force]``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import os
 import shutil
@@ -176,8 +178,9 @@ def calibration_cake(outdir: Path, work: Path) -> None:
         f["data"] = image
     config = work / "demo" / "nxrefine" / "configurations" / "demo.nxs"
     plots = work / "calibration"
-    code = main(["calibrate", str(work / "ceo2.h5"), str(config), "--calibrant", "CeO2",
-                 "--plots", str(plots)])  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(["calibrate", str(work / "ceo2.h5"), str(config), "--calibrant", "CeO2",
+                     "--plots", str(plots)])  # fmt: skip
     if code != 0:
         raise RuntimeError(f"nxrefine-bs calibrate failed with exit status {code}")
     shutil.copyfile(plots / "calibration_cake.png", outdir / "calibration_cake.png")
@@ -265,10 +268,26 @@ def main(outdir: str | os.PathLike[str], *, force: bool = False) -> bool:
     if not force and up_to_date(outdir):
         logger.info("figures up to date in %s", outdir)
         return False
+    t0 = time.perf_counter()
+    quiet = {name: logging.getLogger(name) for name in ("", "pyFAI", "silx", "nxrefine_bs")}
+    levels = {name: log.level for name, log in quiet.items()}
+    for log in quiet.values():  # the simulation's INFO chatter is not the build's
+        log.setLevel(logging.WARNING)
+    try:
+        _make_all(outdir)
+    finally:
+        for name, log in quiet.items():
+            log.setLevel(levels[name])
+    _stamp(outdir).write_text(inputs_hash() + "\n")
+    print(f"make_figures: {len(FIGURES)} outputs in {outdir} ({time.perf_counter() - t0:.0f} s)")
+    return True
+
+
+def _make_all(outdir: Path) -> None:
+    """Run the small demo and the calibration in a temporary directory; draw everything."""
     from nxrefine_bs.demo import run_demo
     from nxrefine_bs.plots import plot_slice
 
-    t0 = time.perf_counter()
     old_settings = os.environ.get("NXREFINE_BS_SETTINGS")
     with tempfile.TemporaryDirectory(prefix="nxrbs-docs-") as tmp:
         work = Path(tmp)
@@ -289,9 +308,6 @@ def main(outdir: str | os.PathLike[str], *, force: bool = False) -> bool:
             else:
                 os.environ["NXREFINE_BS_SETTINGS"] = old_settings
     geometry_figure(outdir / "geometry.png")
-    _stamp(outdir).write_text(inputs_hash() + "\n")
-    print(f"make_figures: {len(FIGURES)} outputs in {outdir} ({time.perf_counter() - t0:.0f} s)")
-    return True
 
 
 if __name__ == "__main__":  # pragma: no cover
