@@ -113,6 +113,7 @@ class SettingSpec:
             value = value.decode()
         if hasattr(value, "item") and getattr(value, "shape", None) == ():  # numpy scalar
             value = value.item()
+        out: Any
         if self.type is bool:
             out = _parse_bool(value)
         elif self.type is int:

@@ -282,7 +282,8 @@ def parse_lattice(
     probe = Lattice.from_space_group(space_group, 1.0, 1.0, 1.0, 90.0, 90.0, 90.0)
     free = probe.free_parameters
     if len(values) == 6:
-        return Lattice(*values, space_group=space_group)
+        a, b, c, alpha, beta, gamma = values
+        return Lattice(a, b, c, alpha, beta, gamma, space_group=space_group)
     if len(values) != len(free):
         raise LatticeError(
             f"--cell {cell!r}: space group {probe.space_group!r} needs {','.join(free)} "

@@ -186,8 +186,8 @@ def repair_scan_file(scan_file: str | os.PathLike[str]) -> RepairReport:
     if running:
         with update_scan_file(scan_file) as f:
             for entry in running:
-                path, dataset = links.get(entry, (None, ""))
-                n = _readable_frames(path, dataset) if path is not None else 0
+                link = links.get(entry)
+                n = _readable_frames(*link) if link is not None else 0
                 fe = f[entry]
                 acq = nx_group(fe, "acquisition", "NXcollection")
                 write_field(acq, "status", "crash")

@@ -276,7 +276,7 @@ def _sum_monitors(items: list[_Source]) -> tuple[dict[str, np.ndarray], np.ndarr
                 f"({', '.join(sorted(channels[0])) or 'none'} vs "
                 f"{', '.join(sorted(chans)) or 'none'})"
             )
-    summed = {name: sum(c[name] for c in channels) for name in channels[0]}
+    summed = {name: np.sum([c[name] for c in channels], axis=0) for name in channels[0]}
     weight = None
     if all(w is not None for w in weights):
         weight = np.sum(np.stack(weights), axis=0)  # type: ignore[arg-type]

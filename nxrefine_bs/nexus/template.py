@@ -371,7 +371,7 @@ def create_configuration(
     xc = float(nx / 2 if beam_center_x is None else beam_center_x)
     yc = float(ny / 2 if beam_center_y is None else beam_center_y)
 
-    common = {
+    common: dict[str, Any] = {
         "info": info,
         "wavelength": wavelength,
         "distance": distance,

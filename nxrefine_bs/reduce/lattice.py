@@ -326,7 +326,8 @@ class Lattice:
                 raise LatticeError(f"CIF {path} block {blk.name!r} has a cell but no space group")
             if any(math.isnan(x) for x in cell):
                 raise LatticeError(f"CIF {path} block {blk.name!r}: unreadable cell {values}")
-            return cls(*cell, space_group=symbol)
+            a, b, c, alpha, beta, gamma = cell
+            return cls(a, b, c, alpha, beta, gamma, space_group=symbol)
         raise LatticeError(f"CIF {path} has no block with _cell_length_a..._cell_angle_gamma")
 
     # ------------------------------------------------------------------ symmetry
@@ -387,7 +388,7 @@ class Lattice:
 
     @cached_property
     def _rotations(self) -> NDArray[np.float64]:
-        rots = []
+        rots: list[NDArray[np.float64]] = []
         for op in self._sg.operations().sym_ops:
             w = np.array(op.rot, dtype=np.float64) / op.DEN
             if np.linalg.det(w) < 0:
@@ -592,6 +593,7 @@ def read_lattice(sample: h5py.Group) -> Lattice:
         )
         logger.debug("%s has no space group; using %s", where, symbol)
     try:
-        return Lattice(*cell, space_group=symbol)
+        a, b, c, alpha, beta, gamma = cell
+        return Lattice(a, b, c, alpha, beta, gamma, space_group=symbol)
     except LatticeError as exc:
         raise LatticeError(f"{where}: {exc}") from None

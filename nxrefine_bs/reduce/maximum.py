@@ -315,7 +315,7 @@ def accumulate_frame_sums(
     code |= annulus.ravel().astype(np.uint8) << 1
     code = np.ascontiguousarray(code)
     if dtype in _SMALL_INTS:
-        acc = np.zeros(npix, dtype=np.int32)
+        acc: NDArray[Any] = np.zeros(npix, dtype=np.int32)
         wide = np.zeros(npix, dtype=np.int64)
         flushing = True
     else:
@@ -498,6 +498,7 @@ def run(
     geometry, skipped = open_entry(scan_file, entry, PROCESS, overwrite=overwrite)
     if skipped is not None:
         return skipped
+    assert geometry is not None  # open_entry returns one of the two
     with open_scan_file(scan_file) as f:
         first_rotation = rotation_entries(f)[0]
         ref_median = None

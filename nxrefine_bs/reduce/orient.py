@@ -581,7 +581,7 @@ def auto_index(
     for misfit, scale, basis in cands[:100]:
         basis_fit, sel = _fit_basis(sub, basis, hkl_tolerance)
         h = np.rint(sub[sel] @ basis_fit.T)
-        allowed = lattice.is_allowed(h)
+        allowed = np.asarray(lattice.is_allowed(h), dtype=bool)
         n_forb = int((~allowed).sum())
         n_idx = int(allowed.sum())
         if n_forb > max_forbidden * max(1, len(h)):
@@ -589,10 +589,10 @@ def auto_index(
                 best_fail = (n_forb / max(1, len(h)), len(h))
             continue
         u = fit_rotation(sub[sel][allowed], h[allowed], lattice.B)
-        ub = np.linalg.inv(basis_fit)
+        ub = np.asarray(np.linalg.inv(basis_fit), dtype=np.float64)
         h_sub = sub @ basis_fit.T
         ok = np.all(np.abs(h_sub - np.rint(h_sub)) < accept_tolerance, axis=1)
-        n_idx = int((ok & lattice.is_allowed(np.rint(h_sub))).sum())
+        n_idx = int((ok & np.asarray(lattice.is_allowed(np.rint(h_sub)), dtype=bool)).sum())
         frac = n_idx / len(sub)
         h_all = qa @ basis_fit.T
         n_idx_all = int(np.all(np.abs(h_all - np.rint(h_all)) < accept_tolerance, axis=1).sum())

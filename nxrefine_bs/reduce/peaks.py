@@ -642,6 +642,7 @@ def run(
     geometry, skipped = open_entry(scan_file, entry, PROCESS, overwrite=overwrite)
     if skipped is not None:
         return skipped
+    assert geometry is not None  # open_entry returns one of the two
     params = step_parameters(
         ("threshold", "first_frame", "last_frame", "min_voxels", "min_pixels"),
         {

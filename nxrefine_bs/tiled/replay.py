@@ -29,7 +29,7 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +143,7 @@ def _is_missing_exporter(exc: BaseException) -> bool:
     return "406" in text and "json-seq" in text
 
 
-def _documents(run: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+def _documents(run: Any) -> Generator[tuple[str, dict[str, Any]], None, None]:
     """The run's documents as plain dicts (406 from the server -> :class:`ReplayError`)."""
     try:
         for name, archived in run.documents():
