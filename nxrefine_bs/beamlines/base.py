@@ -1,4 +1,5 @@
-"""The :class:`BeamLine` base class: where a beamline keeps its data and metadata.
+"""The :class:`BeamLine` base class: a beamline *layout*, where a beamline keeps its data
+and metadata (not its devices: see :mod:`nxrefine_bs.devices`).
 
 A beamline subclass says where the detector stacks ``fN.h5`` of a scan live, where
 its raw tree is, and how to read beamline logs (monitor counts, goniometer angles,
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 class BeamLine:
-    """Base class of beamline descriptions.
+    """Base class of beamline layouts (data locations and log readers).
 
     Instances hold no state of their own: every hook receives the experiment or the
     scan it is about.  Class attributes describe the beamline.
