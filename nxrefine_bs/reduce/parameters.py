@@ -32,7 +32,7 @@ Examples
 >>> validate_parameters("find", {"threshhold": 500})
 Traceback (most recent call last):
 ...
-nxrefine_bs.reduce.parameters.ParameterError: unknown parameter 'threshhold' for step \
+nxrefine_bs.errors.ParameterError: unknown parameter 'threshhold' for step \
 'find'; valid: threshold, first, last, min_voxels, min_spread, min_pixels, swmr
 """
 
