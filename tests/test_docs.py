@@ -214,3 +214,43 @@ def test_every_cli_option_shows_its_default(scripts):
     find = dict(cli._subparsers(parser))[("find",)]
     threshold = next(a for a in find._actions if a.dest == "threshold")
     assert "Default: 50000.0 from nxreduce.threshold; units: counts." in threshold.help
+
+
+# ----------------------------------------------------------------------- how-to guides
+
+HOWTO_COMMAND = re.compile(r"^\s*\$ (nxrefine-bs .*?)(?<!\\)$", flags=re.M | re.S)
+
+
+def howto_commands() -> list[tuple[str, str]]:
+    """``(page, command)`` for every ``$ nxrefine-bs ...`` line of the how-to guides.
+
+    Continuation lines are joined; commands with a ``...`` placeholder are left out.
+    """
+    out = []
+    for page in sorted((DOCS / "howto").glob("*.md")):
+        text = re.sub(r"\\\n\s*", " ", page.read_text())
+        for match in HOWTO_COMMAND.finditer(text):
+            command = match[1].strip()
+            if "..." not in command:
+                out.append((page.name, command))
+    return out
+
+
+def test_howto_commands_parse():
+    """The how-to guides need servers, beamlines or data, so their commands are not run;
+    each is parsed by the real ``nxrefine-bs`` parser, so a renamed or removed option fails.
+    """
+    from nxrefine_bs.cli import build_parser
+
+    commands = howto_commands()
+    assert len(commands) >= 25
+    pages = {page for page, _ in commands}
+    assert {"writer.md", "tiled.md", "dask.md", "calibrate.md", "repair.md"} <= pages
+    parser = build_parser()
+    for page, command in commands:
+        argv = words(command, Path("/home/reader"))
+        assert len(argv) == 1, f"{page}: {command!r} chains commands"
+        try:
+            parser.parse_args(argv[0][1:])
+        except SystemExit:
+            pytest.fail(f"{page}: {command!r} does not parse")
