@@ -50,3 +50,16 @@ def test_every_former_copy_is_the_one_implementation():
     assert sync.rotation_entries is rotation_entries
     assert nexus_io.entry_names is rotation_entries
     assert scanfile.read_geometry is geometry_io.read_geometry
+
+
+def test_one_rule_for_the_entries_a_step_works_on():
+    from nxrefine_bs.reduce.steps import get_step, step_targets
+    from nxrefine_bs.workflow import sync
+
+    assert sync.scan_targets is step_targets
+    per_entry = [n for n in ("find", "refine", "transform") if get_step(n).per_entry]
+    assert per_entry  # the rotation steps run on each entry ...
+    assert step_targets(get_step(per_entry[0]), ["f1", "f2"]) == ["f1", "f2"]
+    per_scan = get_step("combine")
+    assert not per_scan.per_entry  # ... a per-scan step on 'entry'
+    assert step_targets(per_scan, ["f1", "f2"]) == ["entry"]

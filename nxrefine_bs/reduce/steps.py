@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ __all__ = [
     "run_step",
     "step_entries",
     "step_parameters",
+    "step_targets",
 ]
 
 logger = logging.getLogger(__name__)
@@ -174,14 +175,21 @@ def step_parameters(
     return params
 
 
+def step_targets(step: Step, entries: Iterable[str]) -> list[str]:
+    """Entries ``step`` works on: each of the rotation ``entries``, or ``entry`` for a
+    per-scan step (the one rule; :func:`step_entries` checks the entries exist)."""
+    return list(entries) if step.per_entry else ["entry"]
+
+
 def step_entries(
     name: str, scan_file: str | os.PathLike[str], entries: Sequence[str] | None = None
 ) -> list[str]:
     """The entries step ``name`` runs on: the rotation entries (or a subset), or ``entry``."""
     from ..nexus.scanfile import rotation_entries
 
-    if not get_step(name).per_entry:
-        return ["entry"]
+    step = get_step(name)
+    if not step.per_entry:
+        return step_targets(step, ())
     available = rotation_entries(scan_file)
     if not entries:
         return available

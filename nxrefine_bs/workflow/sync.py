@@ -21,8 +21,9 @@ from ..nexus.entries import rotation_entries
 from ..nexus.provenance import process_done, read_process
 from ..nexus.scanfile import open_scan_file
 from ..reduce.steps import STEPS, Step
+from ..reduce.steps import step_targets as scan_targets
 from .database import WorkflowDB
-from .schema import SCAN_ENTRY, Status, parse_iso
+from .schema import Status, parse_iso
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +35,6 @@ __all__ = [
     "sync_file",
     "sync_from_files",
 ]
-
-
-def scan_targets(step: Step, entries: Iterable[str]) -> list[str]:
-    """Entries a step works on: every rotation entry, or ``entry`` for per-scan steps."""
-    return list(entries) if step.per_entry else [SCAN_ENTRY]
 
 
 def registry_layout(registry: Mapping[str, Step] | None = None) -> list[tuple[str, bool]]:
