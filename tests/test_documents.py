@@ -23,7 +23,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "documents.md"
 
 def _documented_nxrefine_keys() -> set[str]:
     text = DOCS.read_text()
-    table = text.split("`nxrefine` dictionary:", 1)[1].split("\n## ", 1)[0]
+    table = text.split("`nxrefine` dictionary", 1)[1].split("\n## ", 1)[0]
     keys: set[str] = set()
     for line in table.splitlines():
         if line.startswith("| `"):
