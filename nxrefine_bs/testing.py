@@ -28,6 +28,8 @@ def closing_run_engine(**kwargs: Any) -> Iterator[RunEngine]:
     finally:
         if engine.state not in ("idle", "panicked"):
             engine.halt()
+        for token in list(engine._writers) + list(engine._isolated):
+            engine.unsubscribe(token)  # flushes and closes isolation threads
         loop.call_soon_threadsafe(loop.stop)
         engine._th.join()
         gc.collect()  # finish abandoned device coroutines while their loop still exists

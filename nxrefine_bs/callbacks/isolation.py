@@ -145,7 +145,9 @@ class BeamlineRunEngine(RunEngine):
     def unsubscribe(self, token: int) -> None:
         """Unsubscribe, flushing and closing an isolation wrapper made by :meth:`subscribe`."""
         super().unsubscribe(token)
-        self._writers.pop(token, None)
+        writer = self._writers.pop(token, None)
+        if writer is not None and hasattr(writer, "flush"):
+            writer.flush(self.flush_timeout)
         wrapper = self._isolated.pop(token, None)
         if wrapper is not None:
             wrapper.close()

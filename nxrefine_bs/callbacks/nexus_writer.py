@@ -54,6 +54,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["NeXusScanWriter", "nexus_writer_factory", "scan_file_for_start"]
 
+IDLE_EXIT = 10.0
+"""Seconds without documents after which the writer thread ends (restarted on demand)."""
+
 MAX_QUEUED = 200_000
 """Documents the writer may hold before it refuses more (a run then fails)."""
 
@@ -102,6 +105,7 @@ class NeXusScanWriter:
         self._queue: queue.Queue[tuple[_Run, str, dict[str, Any]] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._routing = threading.Lock()  # guards the three routing tables
+        self._starting = threading.Lock()  # guards starting/stopping the writer thread
         self._closed = False
         # Import now, at set-up: importing these on the first start document (~1-2 s)
         # would block the RunEngine at the start of the first scan.
@@ -206,17 +210,25 @@ class NeXusScanWriter:
                 f"{writer.scan_file} cannot keep up (is its lock held elsewhere?)"
             )
             return
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(
-                target=self._work, name="nxrefine-bs NeXus writer", daemon=True
-            )
-            self._thread.start()
-        self._queue.put((run, name, doc))
+        with self._starting:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._work, name="nxrefine-bs NeXus writer", daemon=True
+                )
+                self._thread.start()
+            self._queue.put((run, name, doc))
 
     # ------------------------------------------------------------------ writer thread
     def _work(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=IDLE_EXIT)
+            except queue.Empty:
+                with self._starting:  # no document can be queued while we decide
+                    if self._queue.empty():
+                        self._thread = None
+                        return
+                continue
             if item is None:
                 self._queue.task_done()
                 return
