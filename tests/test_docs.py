@@ -4,7 +4,8 @@
   follows it, in a temporary directory with ``HOME`` and the server settings pointed into
   it: its ``bash`` blocks in order (``cd`` carries over from block to block, as the
   tutorial says), and every ``{code-block} python`` with a ``:caption: NAME.py`` is saved
-  as ``NAME.py`` in the current directory when the reader reaches it. ``nxrefine-bs``
+  as ``NAME.py`` in the current directory when the reader reaches it
+  (``docs/_scripts/tutorial_runner.py``, which the figure build uses too). ``nxrefine-bs``
   commands run through the console script's entry point in this process (as
   ``tests/test_readme.py`` does); ``python NAME.py`` runs in a real subprocess.
 * The demo tutorial runs the same way with the README test's small preset appended to
@@ -19,73 +20,24 @@ Building the HTML itself (``sphinx-build -W``) is a separate step of ``.ci/run``
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import h5py
 import pytest
-from test_readme import DEMO_PRESET, words
-
-from nxrefine_bs.cli import main
+from test_readme import DEMO_PRESET
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
+sys.path.insert(0, str(DOCS / "_scripts"))
+
+import cli_parser  # noqa: E402  (docs/_scripts, the guide's build scripts)
+import reference_tables  # noqa: E402
+from tutorial_runner import run_tutorial, tutorial_steps, words  # noqa: E402
+
 FIRST_EXPERIMENT = DOCS / "tutorials" / "first-experiment.md"
 DEMO_TUTORIAL = DOCS / "tutorials" / "demo.md"
 PNG = b"\x89PNG\r\n\x1a\n"
-
-BLOCK = re.compile(
-    r"^```bash\n(?P<bash>.*?)^```"
-    r"|^```\{code-block\} python\n:caption: (?P<name>[\w.-]+\.py)\n\n?(?P<code>.*?)^```",
-    flags=re.S | re.M,
-)
-
-
-def tutorial_steps(text: str) -> list[tuple]:
-    """``("bash", [commands])`` and ``("file", name, code)`` items in document order."""
-    steps: list = []
-    for match in BLOCK.finditer(text):
-        if match["bash"] is not None:
-            joined = re.sub(r"\\\n\s*", " ", match["bash"])
-            steps.append(("bash", [c.strip() for c in joined.splitlines() if c.strip()]))
-        else:
-            steps.append(("file", match["name"], match["code"]))
-    return steps
-
-
-def run_tutorial(text: str, work: Path, home: Path, capsys, demo_preset: bool = False) -> list:
-    """Run a tutorial's steps from ``work``; return the commands run."""
-    os.chdir(work)
-    ran = []
-    for step in tutorial_steps(text):
-        if step[0] == "file":
-            Path(step[1]).write_text(step[2])
-            continue
-        for command in step[1]:
-            for argv in words(command, home):
-                if argv[0] == "cd":
-                    os.chdir(Path(argv[1]).expanduser())
-                elif argv[0] == "python":
-                    result = subprocess.run(
-                        [sys.executable, *argv[1:]],
-                        capture_output=True,
-                        text=True,
-                        timeout=600,
-                        env={**os.environ, "HOME": str(home)},
-                        check=False,
-                    )
-                    assert result.returncode == 0, f"{command!r}: {result.stderr[-3000:]}"
-                else:
-                    assert argv[0] == "nxrefine-bs", f"tutorial command {command!r} not handled"
-                    if demo_preset and argv[1] == "demo":
-                        argv = [*argv, *DEMO_PRESET]
-                    code = main(argv[1:])
-                    out, err = capsys.readouterr()
-                    assert code == 0, f"{command!r} in {Path.cwd()} failed ({code}): {err}{out}"
-            ran.append(command)
-    return ran
 
 
 @pytest.fixture
@@ -114,9 +66,9 @@ def test_tutorial_blocks_are_found():
         assert any(f"{word} " in c or c.endswith(word) for c in commands), word
 
 
-def test_first_experiment_tutorial_runs_verbatim(reader, capsys):
+def test_first_experiment_tutorial_runs_verbatim(reader):
     work, home = reader
-    ran = run_tutorial(FIRST_EXPERIMENT.read_text(), work, home, capsys)
+    ran = run_tutorial(FIRST_EXPERIMENT.read_text(), home)
     assert len(ran) >= 15
     exp = work / "analysis" / "first" / "nxrefine"
     assert Path.cwd() == exp
@@ -136,23 +88,14 @@ def test_first_experiment_tutorial_runs_verbatim(reader, capsys):
 
 
 @pytest.mark.slow
-def test_demo_tutorial_runs(reader, capsys):
+def test_demo_tutorial_runs(reader):
     work, home = reader
-    ran = run_tutorial(DEMO_TUTORIAL.read_text(), work, home, capsys, demo_preset=True)
+    ran = run_tutorial(DEMO_TUTORIAL.read_text(), home, extra_args={"demo": DEMO_PRESET})
     assert ran[0] == "nxrefine-bs demo demo-output"
     assert (work / "demo-output" / "demo" / "nxrefine" / "h0l.png").read_bytes()[:8] == PNG
 
 
 # ----------------------------------------------------------------------- generated reference
-
-
-@pytest.fixture
-def scripts(monkeypatch):
-    monkeypatch.syspath_prepend(str(DOCS / "_scripts"))
-    import cli_parser
-    import reference_tables
-
-    return reference_tables, cli_parser
 
 
 def _row(markdown: str, name: str) -> list[str]:
@@ -161,11 +104,11 @@ def _row(markdown: str, name: str) -> list[str]:
     return [cell.strip() for cell in rows[0].strip("|").split("|")]
 
 
-def test_every_reduction_parameter_has_a_row_with_default_and_units(scripts):
+def test_every_reduction_parameter_has_a_row_with_default_and_units():
     from nxrefine_bs.reduce.parameters import STEP_PARAMETERS
     from nxrefine_bs.settings_schema import get_spec
 
-    tables, _ = scripts
+    tables = reference_tables
     text = tables.parameters_markdown()
     sections = re.split(r"^## ", text, flags=re.M)[1:]
     assert [s.split("`")[1] for s in sections] == list(STEP_PARAMETERS)
@@ -184,10 +127,10 @@ def test_every_reduction_parameter_has_a_row_with_default_and_units(scripts):
     assert _row(text.split("## `find`")[1], "threshold")[3] == "`50000.0`"
 
 
-def test_every_setting_has_a_row(scripts):
+def test_every_setting_has_a_row():
     from nxrefine_bs.settings_schema import SCHEMA
 
-    tables, _ = scripts
+    tables = reference_tables
     text = tables.settings_markdown()
     for spec in SCHEMA:
         section = text.split(f"### `[{spec.section}]`")[1].split("###")[0]
@@ -196,8 +139,8 @@ def test_every_setting_has_a_row(scripts):
     assert _row(text.split("### `[nxrefine]`")[1], "distance")[3] == "mm"
 
 
-def test_every_cli_option_shows_its_default(scripts):
-    _, cli = scripts
+def test_every_cli_option_shows_its_default():
+    cli = cli_parser
     parser = cli.build_documented_parser()
     options = 0
     for command, sub in cli._subparsers(parser):

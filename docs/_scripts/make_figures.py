@@ -2,13 +2,14 @@
 
 Everything is made here, at build time, from the code of this checkout:
 
-* a small demo (:func:`nxrefine_bs.demo.run_demo`: one rotation of 90 frames at 100 K
-  on the simulated Pilatus 300K, reduced to a 0.1 r.l.u. grid) gives the frame with the
-  peaks found by ``find``, the radial sum of ``max``, the HK0 and H0L slices of the merged
-  transform (:func:`nxrefine_bs.plots.plot_slice`, as ``nxrefine-bs plot-slice`` draws
-  them) and the tree of a real scan file (``scanfile_tree.md``);
-* a simulated CeO2 powder image on the same detector, calibrated with
-  ``nxrefine-bs calibrate --plots``, gives the calibration cake;
+* the first-experiment tutorial (``docs/tutorials/first-experiment.md``) is run verbatim
+  (``tutorial_runner.py``, in a subprocess): its calibration cake and its ``hk0.png`` and
+  ``h0l.png`` are the ones the guide shows, so a reader following it gets the same PNGs;
+* meanwhile a small demo (:func:`nxrefine_bs.demo.run_demo`: one rotation of 90 frames at
+  100 K on the simulated Pilatus 300K, reduced to a 0.1 r.l.u. grid) gives the demo's own
+  ``transform_hk0.png``, its H0L plane (``nxrefine-bs plot-slice``), the frame with the
+  peaks found by ``find``, the radial sum of ``max`` and the tree of a real scan file
+  (``scanfile_tree.md``);
 * the geometry figure is drawn from :class:`nxrefine_bs.geometry.Geometry` itself (the
   detector corners, the beam centre and the reciprocal axes are computed, not sketched).
 
@@ -25,6 +26,7 @@ import io
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +45,8 @@ FIGURES = (
     "demo_hk0.png",
     "demo_h0l.png",
     "calibration_cake.png",
+    "tutorial_hk0.png",
+    "tutorial_h0l.png",
     "geometry.png",
     "scanfile_tree.md",
 )
@@ -63,8 +67,10 @@ DEMO = {
 
 
 def inputs_hash() -> str:
-    """Hash of this script and every source file of the package."""
+    """Hash of the scripts, the tutorial they run and every source file of the package."""
     digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest.update(Path(__file__).with_name("tutorial_runner.py").read_bytes())
+    digest.update((DOCS / "tutorials" / "first-experiment.md").read_bytes())
     for path in sorted(PACKAGE.rglob("*.py")):
         digest.update(str(path.relative_to(PACKAGE)).encode())
         digest.update(path.read_bytes())
@@ -161,29 +167,6 @@ def scanfile_tree(scan_file: Path, out: Path) -> None:
         "|---|---|---|---|",
     ]
     out.write_text("\n".join(header + rows) + "\n")
-
-
-def calibration_cake(outdir: Path, work: Path) -> None:
-    """Simulate a CeO2 image, calibrate the demo configuration with it, keep the cake."""
-    import h5py
-
-    from nxrefine_bs.calibration.simulate import simulate_powder_image
-    from nxrefine_bs.cli import main
-
-    image = simulate_powder_image(
-        "Pilatus 300K", "CeO2", wavelength=0.3, distance_m=0.2, poni1=0.0532, poni2=0.042,
-        seed=1,
-    )
-    with h5py.File(work / "ceo2.h5", "w") as f:
-        f["data"] = image
-    config = work / "demo" / "nxrefine" / "configurations" / "demo.nxs"
-    plots = work / "calibration"
-    with contextlib.redirect_stdout(io.StringIO()):
-        code = main(["calibrate", str(work / "ceo2.h5"), str(config), "--calibrant", "CeO2",
-                     "--plots", str(plots)])  # fmt: skip
-    if code != 0:
-        raise RuntimeError(f"nxrefine-bs calibrate failed with exit status {code}")
-    shutil.copyfile(plots / "calibration_cake.png", outdir / "calibration_cake.png")
 
 
 def geometry_figure(png: Path) -> None:
@@ -284,29 +267,50 @@ def main(outdir: str | os.PathLike[str], *, force: bool = False) -> bool:
 
 
 def _make_all(outdir: Path) -> None:
-    """Run the small demo and the calibration in a temporary directory; draw everything."""
+    """Run the first-experiment tutorial (a subprocess) and the small demo side by side in
+    a temporary directory; keep their pictures and draw the rest."""
+    from nxrefine_bs.cli import main as nxrefine_bs
     from nxrefine_bs.demo import run_demo
-    from nxrefine_bs.plots import plot_slice
 
     old_settings = os.environ.get("NXREFINE_BS_SETTINGS")
     with tempfile.TemporaryDirectory(prefix="nxrbs-docs-") as tmp:
         work = Path(tmp)
+        tutorial = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("tutorial_runner.py")),
+             str(DOCS / "tutorials" / "first-experiment.md"), str(work / "tutorial")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
         os.environ["NXREFINE_BS_SETTINGS"] = str(work / "settings.ini")
         try:
-            result = run_demo(work, **DEMO)
+            result = run_demo(work / "demo", **DEMO)
+            failed = result.as_dict()["steps_failed"]
+            if failed or not result.plots:
+                raise RuntimeError(f"the figures' demo run failed: steps {failed or 'none'} "
+                                   f"failed, {len(result.plots)} plots; run it by hand with "
+                                   "'python docs/_scripts/make_figures.py --force'")
             scan_file = result.scan_files[0]
             frame_with_peaks(scan_file, outdir / "frame_peaks.png")
             radial_sum(scan_file, outdir / "radial_sum.png")
-            transform = scan_file.parent / "100K" / "transform.nxs"
-            plot_slice(transform, "l", 0.0, outdir / "demo_hk0.png", title="demo xtal1, 100 K")
-            plot_slice(transform, "k", 0.0, outdir / "demo_h0l.png", title="demo xtal1, 100 K")
             scanfile_tree(scan_file, outdir / "scanfile_tree.md")
-            calibration_cake(outdir, work)
+            shutil.copyfile(result.plots[0], outdir / "demo_hk0.png")  # the demo's own PNG
+            transform = scan_file.parent / "100K" / "transform.nxs"
+            with contextlib.redirect_stdout(io.StringIO()):
+                code = nxrefine_bs(["plot-slice", str(transform), "--axis", "k", "--value", "0",
+                                    "--png", str(outdir / "demo_h0l.png")])  # fmt: skip
+            if code != 0:
+                raise RuntimeError(f"nxrefine-bs plot-slice failed ({code}) on {transform}")
         finally:
             if old_settings is None:
                 os.environ.pop("NXREFINE_BS_SETTINGS", None)
             else:
                 os.environ["NXREFINE_BS_SETTINGS"] = old_settings
+            out, err = tutorial.communicate(timeout=900)
+        if tutorial.returncode != 0:
+            raise RuntimeError(f"the first-experiment tutorial failed:\n{err[-3000:]}")
+        exp = Path(out.strip().splitlines()[-1])
+        for source, name in (("calibration/calibration_cake.png", "calibration_cake.png"),
+                             ("hk0.png", "tutorial_hk0.png"), ("h0l.png", "tutorial_h0l.png")):
+            shutil.copyfile(exp / source, outdir / name)  # fmt: skip
     geometry_figure(outdir / "geometry.png")
 
 
