@@ -45,6 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--time-constant", type=float, default=0.5, help="temperature lag time constant (s)"
     )
+    p.add_argument(
+        "--watch-pid",
+        type=int,
+        default=None,
+        help="stop when the process with this id exits (tests and benchmarks pass theirs)",
+    )
     p.set_defaults(func=_run)
 
 
@@ -61,5 +67,5 @@ def _run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         temperature_time_constant=args.time_constant,
     )
-    run_ioc(config)
+    run_ioc(config, watch_pid=args.watch_pid)
     return 0

@@ -47,6 +47,12 @@ DATA_TYPES = (
 )  # fmt: skip
 COLOR_MODES = ("Mono", "Bayer", "RGB1", "RGB2", "RGB3", "YUV444", "YUV422", "YUV421")
 COMPRESSIONS = ("None", "N-bit", "szip", "zlib", "Blosc", "BSLZ4", "LZ4", "JPEG")
+ARMING_TIME = 0.002
+"""Seconds between ``Acquire`` = 1 and the start of the first exposure.  The simulator of
+the rotation is built meanwhile, from the motors' motion profiles at the exposure
+times; if that takes longer, the first frames are handed out late (``LateFrames_RBV``)
+but show the angles of their exposure times."""
+
 _CODEC = {"None": None, "zlib": "gzip", "BSLZ4": "bslz4", "LZ4": "lz4"}
 
 
@@ -124,7 +130,7 @@ class AreaDetectorSim:
         self._file: FrameFile | None = None
         self._stop = asyncio.Event()
         self._capture_done = asyncio.Event()
-        self.frames_dropped = 0
+        self.frames_late = 0
         ny, nx = model.shape
         cam = pvs.sub("cam1:")
         self.cam = cam
@@ -145,6 +151,9 @@ class AreaDetectorSim:
             ("FirmwareVersion_RBV", "sim"),
         ):
             cam.string(suffix, value)
+        # not an areaDetector PV: frames handed out more than one period after their
+        # exposure ended (the IOC could not keep up); they are still written, in order
+        self.late_frames = cam.integer("LateFrames_RBV", 0)
         self.acquire.on_write(self._on_acquire)
         hdf = pvs.sub("HDF1:")
         self.hdf = hdf
@@ -201,8 +210,9 @@ class AreaDetectorSim:
         pvs.string("DriverVersion_RBV", "nxrefine-bs")
 
     async def startup(self) -> None:
-        """Publish the values that need a running loop (the NDAttribute XML)."""
+        """Publish the NDAttribute XML; render one frame (compiles the simulator's kernels)."""
         await self.ndattributes.put(self._attribute_xml)
+        await self._run(lambda: self._simulator(2, time.monotonic(), 0.1).frame(0))
 
     # ------------------------------------------------------------------ file plugin
     async def _on_file_path(self, value: str) -> None:
@@ -317,7 +327,7 @@ class AreaDetectorSim:
         if mode == "Continuous":
             n = 10**9
         period = max(float(self.acquire_time.value), float(self.acquire_period.value), 1e-3)
-        t_start = time.monotonic() + 2e-3
+        t_start = time.monotonic() + ARMING_TIME
         sim = await self._run(self._simulator, min(n, 100000), t_start, period)
         await self._run(lambda: sim.peaks)
         mcs2 = mcs2_counts(sim)
@@ -337,7 +347,8 @@ class AreaDetectorSim:
                     logger.info("acquisition stopped after %d frames", k)
                     return
             elif delay < -period:
-                self.frames_dropped += 1
+                self.frames_late += 1
+                await self.late_frames.put(self.frames_late)
             values = {
                 "MCS1": float(sim.monitor[index]),
                 "MCS2": float(mcs2[index]),

@@ -191,8 +191,34 @@ class BeamlineIOC:
             self.detector.close()
 
 
-def run_ioc(config: IOCConfig, interfaces: Sequence[str] | None = None) -> None:
-    """Run the IOC in this process until interrupted (SIGINT/SIGTERM)."""
+async def _watch(pid: int, task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` once process ``pid`` is gone (no orphaned IOC after a killed test)."""
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            logger.info("process %d is gone; stopping the IOC", pid)
+            task.cancel()
+            return
+        except PermissionError:
+            pass
+
+
+def run_ioc(
+    config: IOCConfig, interfaces: Sequence[str] | None = None, watch_pid: int | None = None
+) -> None:
+    """Run the IOC in this process until interrupted (SIGINT/SIGTERM).
+
+    Parameters
+    ----------
+    config : IOCConfig
+        What to simulate.
+    interfaces : sequence of str, optional
+        Addresses to serve on; default ``EPICS_CAS_INTF_ADDR_LIST`` or 127.0.0.1.
+    watch_pid : int, optional
+        Stop when this process (e.g. the test runner that started the IOC) exits.
+    """
     import signal
 
     if interfaces is None:
@@ -206,10 +232,14 @@ def run_ioc(config: IOCConfig, interfaces: Sequence[str] | None = None) -> None:
         task = asyncio.ensure_future(ioc.serve(interfaces))
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)
+        watcher = asyncio.ensure_future(_watch(watch_pid, task)) if watch_pid else None
         try:
             await task
         except asyncio.CancelledError:
             logger.info("IOC %s stopped", config.prefix)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
 
     asyncio.run(main())
 

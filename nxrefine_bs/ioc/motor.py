@@ -21,8 +21,12 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .pvs import PVDict
+
+if TYPE_CHECKING:  # caproto is imported when the IOC starts
+    from caproto import ChannelString
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +228,7 @@ class MotorRecord:
         return 0
 
 
-def _string40(value: str):  # noqa: ANN202 - caproto channel
+def _string40(value: str) -> ChannelString:
     from caproto import ChannelString
 
     return ChannelString(value=value)

@@ -27,7 +27,7 @@ LONG_STRING = 1024
 
 
 def _hooked(base: type[ChannelData]) -> type[ChannelData]:
-    class Hooked(base):  # type: ignore[valid-type, misc]
+    class Hooked(base):  # type: ignore[valid-type, misc, unused-ignore]  # caproto is untyped
         def __init__(self, *args: Any, hook: WriteHook | None = None, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.hook = hook
