@@ -155,8 +155,8 @@ def scanfile_tree(scan_file: Path, out: Path) -> None:
             else:
                 units = text(obj.attrs.get("units", ""))
                 shape = "scalar" if obj.shape == () else "×".join(str(n) for n in obj.shape)
-                rows.append(f"| `{path}` | {obj.dtype.kind}{obj.dtype.itemsize} | {shape} "
-                            f"| {units} |")
+                kind = "str" if obj.dtype.kind in "OSU" else str(obj.dtype)
+                rows.append(f"| `{path}` | {kind} | {shape} | {units} |")
 
     with h5py.File(scan_file, "r") as f:
         walk(f, "")
