@@ -251,9 +251,10 @@ def summarise_scan(
     with h5py.File(scan_file, "r") as f:
         for entry in sorted(k for k in f if k != "entry"):
             if process_done(f[entry], "nxfind"):
-                out.peaks += int(read_process(f[entry], "nxfind")["summary"].get("npeaks", 0))
+                found = read_process(f[entry], "nxfind") or {}
+                out.peaks += int(found["summary"].get("npeaks", 0))
             if process_done(f[entry], "nxrefine"):
-                summary = read_process(f[entry], "nxrefine")["summary"]
+                summary = (read_process(f[entry], "nxrefine") or {})["summary"]
                 n_indexed += int(summary.get("n_indexed", 0))
                 n_used += int(summary.get("n_used", 0))
                 cells.append(float(summary["cell"][0]))
@@ -450,7 +451,7 @@ def run_demo(
         # RE(...) returns the run uids (a tuple), or a RunEngineResult whose plan_result
         # holds them when the RunEngine was made with call_returns_result=True.
         uids = getattr(uids, "plan_result", uids)
-        result.run_uids = list(uids or [])
+        result.run_uids = [str(u) for u in (uids or [])]  # type: ignore[union-attr]
         if session.progress is not None:
             session.progress.close()
         if session.reduction is not None:

@@ -378,7 +378,7 @@ class Geometry:
         return qc @ np.linalg.inv(np.asarray(ub, dtype=np.float64)).T
 
     # ------------------------------------------------------------------ HKL -> pixels
-    def predict(self, hkl: ArrayLike, ub: ArrayLike) -> dict[str, NDArray[np.float64]]:
+    def predict(self, hkl: ArrayLike, ub: ArrayLike) -> dict[str, NDArray[Any]]:
         """Predict where reflections ``hkl`` cross the Ewald sphere and hit the detector.
 
         The sample offset is ignored.  Every reflection has up to two diffracting

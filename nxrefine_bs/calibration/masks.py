@@ -85,7 +85,7 @@ class PixelMask:
         return int(np.count_nonzero(self._mask))
 
     def __array__(self, dtype: object = None, copy: object = None) -> NDArray:
-        return self._mask if dtype is None else self._mask.astype(dtype)
+        return self._mask if dtype is None else self._mask.astype(dtype)  # type: ignore[call-overload]  # numpy passes a dtype
 
     def __repr__(self) -> str:
         return f"PixelMask(shape={self.shape}, masked={self.count})"

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import CalibrationError
-from .result import CalibrationResult
+from .result import CalibrationResult, _shape2
 
 __all__ = ["read_poni", "write_poni"]
 
@@ -35,7 +35,7 @@ def read_poni(path: str | os.PathLike[str]) -> CalibrationResult:
             detector=str(det.name),
             pixel1=float(det.pixel1),
             pixel2=float(det.pixel2),
-            shape=tuple(int(s) for s in (det.shape or det.max_shape or (0, 0))),
+            shape=_shape2(det.shape or det.max_shape or (0, 0)),
             wavelength=float(geo.wavelength) if geo.wavelength else float("nan"),
             dist=float(geo.dist),
             poni1=float(geo.poni1),

@@ -193,6 +193,13 @@ class CalibrationResult:
         return out
 
 
+def _shape2(shape: Any) -> tuple[int, int]:
+    """A detector shape as ``(ny, nx)`` integers."""
+    ny, nx = (int(s) for s in shape)
+    return ny, nx
+
+
+
 def result_from_parameters(
     parameters: Mapping[str, float],
     detector: Detector,
@@ -215,7 +222,7 @@ def result_from_parameters(
         detector=str(detector.name),
         pixel1=float(detector.pixel1),
         pixel2=float(detector.pixel2),
-        shape=tuple(int(s) for s in (detector.shape or detector.max_shape)),
+        shape=_shape2(detector.shape or detector.max_shape),
         wavelength=float(parameters["wavelength"]),
         dist=float(parameters["dist"]),
         poni1=float(parameters["poni1"]),

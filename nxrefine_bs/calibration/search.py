@@ -188,7 +188,7 @@ def find_centres(
     score = score.reshape(gy.size, gx.size)
     local = (score == ndimage.maximum_filter(score, size=5)) & (score > 0)
     iy, ix = np.nonzero(local)
-    out = []
+    out: list[tuple[float, float, float]] = []
     for k in np.argsort(score[iy, ix])[::-1][: 2 * n]:
         y, x, s = float(gy[iy[k]]), float(gx[ix[k]]), step
         best = float(score[iy[k], ix[k]])
@@ -233,7 +233,8 @@ def radial_profile(
     n = np.bincount(idx, None, nb)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(n > 0, s / n, np.nan)
-    return (np.arange(nb) + 0.5) * step, mean, n
+    radius = (np.arange(nb, dtype=np.float64) + 0.5) * step
+    return radius, mean.astype(np.float64), n.astype(np.float64)
 
 
 def _profile_peaks(

@@ -92,7 +92,11 @@ class NonCritical:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued document has been handled; True if done in time."""
         done = threading.Event()
-        threading.Thread(target=lambda: (self._queue.join(), done.set()), daemon=True).start()
+        def wait() -> None:
+            self._queue.join()
+            done.set()
+
+        threading.Thread(target=wait, daemon=True).start()
         return done.wait(timeout)
 
     def close(self, timeout: float | None = 10.0) -> None:

@@ -151,10 +151,10 @@ class NeXusScanWriter:
                 self._all_runs.pop(next(iter(self._all_runs)))
             self.last_scan_file = writer.scan_file
             return run
-        uid = self._run_uid(name, doc)
-        if uid is None:
+        run_uid = self._run_uid(name, doc)
+        if run_uid is None:
             return None
-        return self._runs.get(uid)
+        return self._runs.get(run_uid)
 
     def _run_uid(self, name: str, doc: Mapping[str, Any]) -> str | None:
         """The uid of the run a document belongs to (None: not one of ours)."""
@@ -171,18 +171,18 @@ class NeXusScanWriter:
                 return self._resources.get(str(doc.get("stream_resource", "")))
             return None
         if name in ("stream_resource", "resource"):
-            uid = doc.get("run_start")
-            if uid is None:
+            start_uid: str | None = doc.get("run_start")
+            if start_uid is None:
                 open_runs = [u for u, r in self._runs.items() if r.writer.stop_doc is None]
                 if len(open_runs) > 1:
                     raise MetadataError(
                         f"{name} {doc.get('uid')} has no run_start and {len(open_runs)} runs are "
                         "open; cannot tell which run it belongs to"
                     )
-                uid = open_runs[0] if open_runs else None
-            if uid is not None:
-                self._resources[str(doc.get("uid", ""))] = str(uid)
-            return None if uid is None else str(uid)
+                start_uid = open_runs[0] if open_runs else None
+            if start_uid is not None:
+                self._resources[str(doc.get("uid", ""))] = str(start_uid)
+            return None if start_uid is None else str(start_uid)
         if name in ("datum", "datum_page"):
             return self._resources.get(str(doc.get("resource", "")))
         return None
@@ -192,7 +192,7 @@ class NeXusScanWriter:
             if name == "event":  # RunNormalizer emits events; file them as pages
                 from event_model import pack_event_page
 
-                name, doc = "event_page", pack_event_page(doc)
+                name, doc = "event_page", dict(pack_event_page(doc))  # type: ignore[arg-type]
             writer.accept(name, doc)
             self._submit(writer, name, doc)
 
@@ -392,7 +392,7 @@ def _normalizer_class() -> type:
     """
     from bluesky_tiled_plugins.writing.tiled_writer import RunNormalizer
 
-    class _RunNormalizer(RunNormalizer):  # type: ignore[misc]
+    class _RunNormalizer(RunNormalizer):
         def emit(self, name: Any, doc: Any) -> None:
             self.dispatcher.process(name, doc)
 

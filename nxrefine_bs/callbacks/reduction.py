@@ -160,6 +160,7 @@ class PostScanReduction:
 
     def _submit_when_written(self, start: Mapping[str, Any]) -> None:
         uid = str(start.get("uid"))
+        assert self.writer is not None  # only called when a writer is attached
         try:
             status = self.writer.wait_run(uid)
             if status != "success":

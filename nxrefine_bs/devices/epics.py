@@ -26,6 +26,7 @@ from typing import Any
 from ophyd_async.core import (
     AsyncStatus,
     NotConnectedError,
+    StandardDetector,
     StandardReadable,
     StandardReadableFormat,
     wait_for_value,
@@ -218,6 +219,7 @@ def make_epics_beamline(
     full = resolve_prefixes(prefix, prefixes)
     provider = RotationPathProvider(directory, "f1")
     writer = ADWriterFactory.hdf(provider)
+    det: StandardDetector
     if detector_class == "sim":
         from ophyd_async.epics.adsimdetector import SimDetector
 

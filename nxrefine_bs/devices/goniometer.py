@@ -28,7 +28,7 @@ class _ShortRunUpMixin:
     def _motors(self) -> list[SimMotor]:
         raise NotImplementedError
 
-    async def connect(  # type: ignore[override]
+    async def connect(
         self,
         mock: bool | DeviceMock = False,
         timeout: float = DEFAULT_TIMEOUT,

@@ -156,6 +156,7 @@ compression
             path = Path(str(info.directory_path)) / f"{info.filename}.h5"
             create_depth = int(info.create_dir_depth)
         else:
+            assert self.directory is not None  # set whenever there is no path provider
             path = Path(self.directory) / f"{self.name}.h5"
         path = Path(os.path.abspath(path))
         parts = path.parent.parts

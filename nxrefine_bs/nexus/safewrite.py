@@ -101,8 +101,11 @@ class ScanFileLock(NXLock):
             return False
         return int(pid) != os.getpid() and not _pid_alive(int(pid))
 
-    def acquire(  # type: ignore[override]
-        self, timeout: float | None = None, check_interval: float | None = None, expiry=None
+    def acquire(
+        self,
+        timeout: float | None = None,
+        check_interval: float | None = None,
+        expiry: float | None = None,
     ) -> None:
         """Take the lock, waiting for other holders (see the class docstring)."""
         del timeout, check_interval, expiry

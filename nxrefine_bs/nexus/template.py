@@ -224,7 +224,9 @@ def _set_class(group: h5py.Group, nx_class: str) -> h5py.Group:
     return group
 
 
-def _field(group: h5py.Group, name: str, value: Any, units: str | None = None, **kw: Any):
+def _field(
+    group: h5py.Group, name: str, value: Any, units: str | None = None, **kw: Any
+) -> h5py.Dataset:
     dset = group.create_dataset(name, data=value, **kw)
     if units is not None:
         dset.attrs["units"] = units

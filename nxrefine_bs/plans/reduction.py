@@ -110,40 +110,46 @@ def reduce_scan(
 
 def find_maximum(
     scan_file: str | os.PathLike[str], entries: Sequence[str] | None = None, **kw: Any
-):
+) -> MsgGenerator[dict[str, dict[str, Any]]]:
     """Plan: find maximum (frame sums, radial sum, transmission) on each rotation."""
     return (yield from reduce_scan(scan_file, ["max"], entries, **kw))
 
 
-def find_peaks(scan_file: str | os.PathLike[str], entries: Sequence[str] | None = None, **kw: Any):
+def find_peaks(
+    scan_file: str | os.PathLike[str], entries: Sequence[str] | None = None, **kw: Any
+) -> MsgGenerator[dict[str, dict[str, Any]]]:
     """Plan: 3-D Bragg peak search on each rotation."""
     return (yield from reduce_scan(scan_file, ["find"], entries, **kw))
 
 
 def refine_orientation(
     scan_file: str | os.PathLike[str], entries: Sequence[str] | None = None, **kw: Any
-):
+) -> MsgGenerator[dict[str, dict[str, Any]]]:
     """Plan: index and refine orientation, lattice and geometry on each rotation."""
     return (yield from reduce_scan(scan_file, ["refine"], entries, **kw))
 
 
 def prepare_mask(
     scan_file: str | os.PathLike[str], entries: Sequence[str] | None = None, **kw: Any
-):
+) -> MsgGenerator[dict[str, dict[str, Any]]]:
     """Plan: 3-D artefact mask around Bragg peaks on each rotation."""
     return (yield from reduce_scan(scan_file, ["prepare"], entries, **kw))
 
 
-def transform(scan_file: str | os.PathLike[str], entries: Sequence[str] | None = None, **kw: Any):
+def transform(
+    scan_file: str | os.PathLike[str], entries: Sequence[str] | None = None, **kw: Any
+) -> MsgGenerator[dict[str, dict[str, Any]]]:
     """Plan: transform each rotation to (H, K, L)."""
     return (yield from reduce_scan(scan_file, ["transform"], entries, **kw))
 
 
-def combine(scan_file: str | os.PathLike[str], **kw: Any):
+def combine(
+    scan_file: str | os.PathLike[str], **kw: Any
+) -> MsgGenerator[dict[str, dict[str, Any]]]:
     """Plan: merge the rotations' transforms into ``transform.nxs``."""
     return (yield from reduce_scan(scan_file, ["combine"], None, **kw))
 
 
-def pdf(scan_file: str | os.PathLike[str], **kw: Any):
+def pdf(scan_file: str | os.PathLike[str], **kw: Any) -> MsgGenerator[dict[str, dict[str, Any]]]:
     """Plan: 3D-ΔPDF of the combined transform (symmetrise, taper, punch-and-fill, FFT)."""
     return (yield from reduce_scan(scan_file, ["pdf"], None, **kw))

@@ -85,7 +85,7 @@ def _check(m: int, epsilon: float, spacing: Sequence[float]) -> NDArray[np.float
 
 def neighbours(
     flat: NDArray[np.int64], shape: tuple[int, int, int]
-) -> list[tuple[NDArray[np.int64], NDArray[np.bool_], float]]:
+) -> list[tuple[NDArray[np.int64], NDArray[np.bool_], int]]:
     """The six neighbours of each flat index: ``[(index, inside, axis), ...]``."""
     nl, nk, nh = shape
     il, rem = np.divmod(flat, nk * nh)
@@ -370,7 +370,9 @@ def fill_holes(
         a, b, lknown = hole_system(box, lholes, m=m, epsilon=epsilon, spacing=spacing)
         solve = BlockLU(a).solve
 
-        def to_global(lflat: NDArray[np.int64], lo=lo, box=box) -> NDArray[np.int64]:
+        def to_global(
+            lflat: NDArray[np.int64], lo: NDArray[np.int64] = lo, box: tuple[int, ...] = box
+        ) -> NDArray[np.int64]:
             ll, rem = np.divmod(lflat, box[1] * box[2])
             lk, lh = np.divmod(rem, box[2])
             off = np.stack([ll, lk, lh], axis=1) + lo - pad

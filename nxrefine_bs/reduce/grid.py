@@ -330,7 +330,8 @@ def make_grid(
     else:
         rec = reciprocal_parameters(*cell)[:3]
         q_max = geometry.q_max()
-        default = tuple(default_axis(n, q_max, r) for n, r in zip(AXIS_NAMES, rec, strict=True))
+        hq, kq, lq = (default_axis(n, q_max, r) for n, r in zip(AXIS_NAMES, rec, strict=True))
+        default = (hq, kq, lq)
     axes = []
     for i, (name, spec) in enumerate(zip(AXIS_NAMES, specs, strict=True)):
         axes.append(axis_from_range(name, spec) if spec is not None else default[i])  # type: ignore[index]

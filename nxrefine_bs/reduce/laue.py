@@ -311,7 +311,7 @@ def _diagonal_split(
     for m in list(w) + [-m for m in w]:
         if np.count_nonzero(m - np.diag(np.diag(m))) == 0:
             signs.append(tuple(int(x) for x in np.diag(m)))
-    span = {(1, 1, 1)}
+    span: set[tuple[int, ...]] = {(1, 1, 1)}
     flips = []
     for sgn in signs:
         if sgn not in span:

@@ -79,7 +79,7 @@ BLOCK_FRAMES = 10
 
 def gap_runs(pixel_mask: NDArray[Any], axis: int) -> list[tuple[int, int]]:
     """Runs ``[a, b)`` of rows (``axis=0``) or columns (``axis=1``) masked everywhere."""
-    full = np.asarray(pixel_mask != 0).all(axis=1 - axis)
+    full = np.asarray(np.asarray(pixel_mask != 0).all(axis=1 - axis), dtype=bool)
     runs: list[tuple[int, int]] = []
     i, n = 0, full.size
     while i < n:
@@ -505,7 +505,7 @@ def run(
         "%s:/%s 3-D mask: %.3f%% of voxels masked in %.1f s -> %s",
         scan_file,
         entry,
-        100 * summary["masked_fraction"],
+        100.0 * masked / float(nf * ny * nx),
         seconds,
         out,
     )

@@ -136,5 +136,5 @@ def scatter_block(
                 vn[idx] += cf
                 vn[idx + 1] += np.float32(wf * wp)
                 added += 1
-                total += cf
+                total += cf  # type: ignore[assignment]  # numba: float64 accumulator
     return added, total

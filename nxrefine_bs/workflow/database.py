@@ -188,6 +188,8 @@ class WorkflowDB(TransitionsMixin, QueriesMixin):
                 found = session.scalar(
                     select(ExperimentRow.id).where(ExperimentRow.key == self.experiment)
                 )
+        if found is None:
+            raise WorkflowError(f"experiment {self.experiment!r} could not be registered")
         self._experiment_id = int(found)
         return self._experiment_id
 

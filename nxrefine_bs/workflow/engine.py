@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, event, insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
@@ -153,9 +153,7 @@ def ensure_schema(engine: Engine, url: str, retries: int = 10) -> None:
                 select(MetaRow.value).where(MetaRow.key == "schema_version")
             ).scalar()
             if version is None:
-                conn.execute(
-                    MetaRow.__table__.insert().values(key="schema_version", value=SCHEMA_VERSION)
-                )
+                conn.execute(insert(MetaRow).values(key="schema_version", value=SCHEMA_VERSION))
             return version
 
     version = with_retry(create, url=url, retries=retries)

@@ -165,7 +165,7 @@ class Executor(Protocol):
         *,
         registry: Mapping[str, Step] | None = None,
         progress: bool = False,
-    ) -> dict[str, FutureLike]:
+    ) -> Mapping[str, FutureLike]:
         """Submit every task (dependencies first); ``{key: future}``."""
 
     def pending(self, keys: Iterable[str]) -> set[str]:

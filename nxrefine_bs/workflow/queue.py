@@ -53,8 +53,7 @@ def find_scan_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
             out.extend(nxs for nxs in sorted(path.rglob("*.nxs")) if is_scan_file(nxs))
         else:
             raise WorkflowError(f"{path} is neither a scan file nor a directory")
-    seen: set[Path] = set()
-    return [p for p in out if not (p in seen or seen.add(p))]
+    return list(dict.fromkeys(out))
 
 
 @dataclass

@@ -299,8 +299,9 @@ def _run(
         db.done(scan_file, entry, step.name, message="already done", record=record)
         return _result(spec, Status.DONE, "already done")
     with _Heartbeat(db, spec):
-        problem = _requirement_problem(db, spec, registry, entries, stop_at)
-        if problem is not None:
+        blocked = _requirement_problem(db, spec, registry, entries, stop_at)
+        if blocked is not None:
+            problem = blocked
             db.fail(scan_file, entry, step.name, problem)
             logger.warning("%s: %s", label, problem)
             return _result(spec, Status.FAILED, problem)
