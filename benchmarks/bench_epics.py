@@ -5,9 +5,10 @@ connects the ophyd-async EPICS devices and flies one rotation per frame rate wit
 NeXus scan-file writer subscribed.  For each rate:
 
 * yardstick: the acquisition time ``N x frame_time`` (what the frames cost at best);
-* plan overhead per frame: ``(RE wall time - N x frame_time) / N`` (pre-positioning,
-  staging, arming, flying out, closing the file: everything over CA that is not frames),
-  and the run's own window (start to stop document) against the yardstick;
+* plan overhead per frame: ``(RE wall time - N x frame_time) / N`` (pre-positioning
+  moves, staging, arming, the motor's ramps, closing the file: everything that is not
+  frames), and the run's own window (start to stop document) against the yardstick,
+  with its fixed part ``window - N x frame_time`` per rotation;
 * writer: CPU time spent in the writer's callback per frame, and how long after the
   RunEngine returns ``writer.flush()`` takes (the scan file complete);
 * dropped frames: frames in the detector file and linked in the scan file against N,
@@ -182,6 +183,7 @@ def main() -> int:
                     "wall_s": round(wall, 3),
                     "wall_over_yardstick": round(wall / yardstick, 3),
                     "run_window_over_yardstick": round(window / yardstick, 3),
+                    "run_overhead_s": round(window - yardstick, 3),
                     "plan_overhead_ms_per_frame": round(1000 * (wall - yardstick) / n, 2),
                     "writer_cpu_ms_per_frame": round(1000 * timed.seconds / n, 3),
                     "writer_flush_after_run_s": round(flush, 3),
