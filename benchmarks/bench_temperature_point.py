@@ -148,7 +148,10 @@ def grid_for(scan: Path, n: int, n_frames: int) -> dict[str, list[float]]:
 
 
 def extrapolate(
-    times: dict[str, dict[str, Any]], n_frames: int, frame_pixels: int = FRAME_PIXELS
+    times: dict[str, dict[str, Any]],
+    n_frames: int,
+    frame_pixels: int = FRAME_PIXELS,
+    key: str = "seconds",
 ) -> float:
     """Reduction time of a temperature point (3 rotations of 3650 frames).
 
@@ -157,18 +160,21 @@ def extrapolate(
     the range, so timing a shorter range would not separate the costs).  For the
     transform, the accumulation (pixels / the measured Mpix/s) is scaled and the rest
     (grid set-up, writing the output) counted once per rotation.  Refine and combine
-    count once per rotation.
+    count once per rotation.  ``key="cpu_s"`` extrapolates the CPU time instead (the
+    transform's CPU time split in the same proportion as its wall time).
     """
     scale = POINT_FRAMES / n_frames
     rot = 0.0
     for step in STEPS:
-        t = times[step]["seconds"]
+        wall = times[step]["seconds"]
+        t = times[step].get(key) or 0.0
         if step in ("max", "find", "prepare"):
             rot += t * scale
         elif step == "transform" and times[step]["summary"].get("mpix_per_s"):
             s = times[step]["summary"]
-            kernel = n_frames * frame_pixels / (float(s["mpix_per_s"]) * 1e6)
-            rot += kernel * scale + max(0.0, t - kernel)
+            kernel = min(wall, n_frames * frame_pixels / (float(s["mpix_per_s"]) * 1e6))
+            share = kernel / wall if wall > 0 else 1.0
+            rot += t * share * scale + t * (1.0 - share)
         else:
             rot += t
     return POINT_ROTATIONS * rot
@@ -183,8 +189,11 @@ def evaluate(results: dict[str, Any]) -> list[tuple[str, bool]]:
         run["ratio"] = run["point_s"] / collect
         cpu = sum(t.get("cpu_s") or 0.0 for t in run["steps"].values())
         if cpu:
+            run["point_cpu_s"] = extrapolate(run["steps"], n_frames, pixels, key="cpu_s")
             print(f"  {key}: CPU time {cpu:.1f} s, {cpu / run['rotation_s']:.2f} cores busy on "
-                  "average (machine load shows as < 1 per core)")  # fmt: skip
+                  f"average (machine load shows as < 1 per core); the point's CPU time "
+                  f"{run['point_cpu_s']:.0f} s = {run['point_cpu_s'] / collect:.2f} of the "
+                  "collection (information)")  # fmt: skip
         print(f"  {key}: rotation {run['rotation_s']:.1f} s for {n_frames} frames "
               f"({run['rotation_s'] / (n_frames * FRAME_TIME):.2f} of its collection); "
               f"temperature point ~{run['point_s']:.0f} s vs {collect:.0f} s collection: "
