@@ -31,7 +31,6 @@ from nxrefine_bs.devices import (
     DATA_PATH,
     NDATTRIBUTES_PATH,
     make_sim_beamline,
-    make_sim_beamline_v1,
 )
 from nxrefine_bs.errors import MetadataError
 from nxrefine_bs.plans import (
@@ -288,7 +287,9 @@ def test_temperature_series_two_scan_files(RE, exp_dir):
 # ---------------------------------------------------------------------- step scans
 def test_ophyd_v1_step_scan_is_normalised_to_the_same_layout(RE, exp_dir):
     """Resource/Datum documents of an ophyd v1 detector give the fly-scan layout."""
-    bl = make_sim_beamline_v1(exp_dir, detector="small", shape=SHAPE, frame_time=0.001, seed=7)
+    bl = make_sim_beamline(
+        exp_dir, api="ophyd", detector="small", shape=SHAPE, frame_time=0.001, seed=7
+    )
     writer = subscribe_writer(RE)
     docs = collector(RE)
     RE(

@@ -29,7 +29,6 @@ from nxrefine_bs.devices import (
     SimRotationDetector,
     SimTemperatureController,
     make_sim_beamline,
-    make_sim_beamline_v1,
 )
 from nxrefine_bs.devices.frames import file_seed, file_uri, mcs2_counts
 from nxrefine_bs.errors import FileExistsNXError
@@ -273,8 +272,8 @@ def _connect(*devices):
 # ---------------------------------------------------------------------- ophyd v1
 def test_v1_detector_emits_resource_and_datum(RE, tmp_path, setup):
     geom, crystal, model = setup
-    bl = make_sim_beamline_v1(
-        tmp_path, crystal=crystal, detector=model, geometry=geom, frame_time=0.001
+    bl = make_sim_beamline(
+        tmp_path, api="ophyd", crystal=crystal, detector=model, geometry=geom, frame_time=0.001
     )
     det = bl.detector
     det.n_frames.put(3)
@@ -318,3 +317,20 @@ def test_pilatus_2m_frames(RE, tmp_path):
 
 def model_mask(det):
     return det.detector_model.mask > 0
+
+
+def test_one_factory_for_both_device_libraries(tmp_path):
+    """make_sim_beamline builds the device bundle with ophyd-async or ophyd v1 (api=)."""
+    from ophyd import Device as V1Device
+    from ophyd_async.core import Device as AsyncDevice
+
+    from nxrefine_bs.errors import NXRefineBSError
+
+    v1 = make_sim_beamline(tmp_path, api="ophyd")
+    assert isinstance(v1.goniometer, V1Device) and isinstance(v1.detector, V1Device)
+    new = make_sim_beamline(tmp_path, connect=False)
+    assert isinstance(new.goniometer, AsyncDevice) and isinstance(new.detector, AsyncDevice)
+    with pytest.raises(NXRefineBSError, match="api must be one of ophyd-async, ophyd"):
+        make_sim_beamline(tmp_path, api="tango")
+    with pytest.raises(NXRefineBSError, match="needs a directory"):
+        make_sim_beamline(new.path_provider, api="ophyd")

@@ -44,10 +44,10 @@ def test_typed_dict_is_the_documented_table():
 
 @pytest.mark.parametrize("temperature", [None, 120.0])
 def test_start_metadata_builds_exactly_the_typed_dictionary(experiment, temperature):
-    from nxrefine_bs.devices import make_sim_beamline_v1
+    from nxrefine_bs.devices import make_sim_beamline
     from nxrefine_bs.plans.specs import prepare_rotation, start_metadata
 
-    devices = make_sim_beamline_v1(experiment.directory, frame_time=0.01)
+    devices = make_sim_beamline(experiment.directory, api="ophyd", frame_time=0.01)
     spec = prepare_rotation(
         devices,
         experiment_dir=experiment.directory,

@@ -20,7 +20,6 @@ from nxrefine_bs.devices import (
     DATA_PATH,
     NDATTRIBUTES_PATH,
     make_sim_beamline,
-    make_sim_beamline_v1,
 )
 from nxrefine_bs.devices.frames import mcs2_counts
 from nxrefine_bs.errors import MetadataError
@@ -262,8 +261,8 @@ def test_step_rotation_scan_events(RE, exp, beamline, setup):
 
 def test_step_rotation_scan_ophyd_v1(RE, exp, setup):
     geom, crystal, model = setup
-    bl = make_sim_beamline_v1(
-        exp, crystal=crystal, detector=model, geometry=geom, seed=7, frame_time=0.001
+    bl = make_sim_beamline(
+        exp, api="ophyd", crystal=crystal, detector=model, geometry=geom, seed=7, frame_time=0.001
     )
     docs = collector(RE)
     n = 4
@@ -290,7 +289,7 @@ def test_step_rotation_scan_ophyd_v1(RE, exp, setup):
 
 def test_v1_cannot_fly(RE, exp, setup):
     geom, crystal, model = setup
-    bl = make_sim_beamline_v1(exp, crystal=crystal, detector=model, geometry=geom)
+    bl = make_sim_beamline(exp, api="ophyd", crystal=crystal, detector=model, geometry=geom)
     with pytest.raises(MetadataError, match="cannot fly"):
         RE(rotation_scan(bl, experiment_dir=exp, **NAMES, phi_end=0.0))
 

@@ -24,7 +24,7 @@ import pytest
 
 from nxrefine_bs.callbacks.nexus_writer import NeXusScanWriter
 from nxrefine_bs.cli import main
-from nxrefine_bs.devices import make_sim_beamline, make_sim_beamline_v1
+from nxrefine_bs.devices import make_sim_beamline
 from nxrefine_bs.experiment import Experiment
 from nxrefine_bs.geometry import Geometry
 from nxrefine_bs.nexus.geometry_io import write_geometry
@@ -142,8 +142,14 @@ def record(RE, exp: Path, mode: str, client: Any) -> tuple[list[str], Path, Path
     RE.subscribe(writer)
     RE.subscribe(archive_callback(client, batch_size=1))
     if mode == "v1":
-        devices = make_sim_beamline_v1(
-            exp, crystal=crystal, detector=model, geometry=geometry, frame_time=0.001, seed=7
+        devices = make_sim_beamline(
+            exp,
+            api="ophyd",
+            crystal=crystal,
+            detector=model,
+            geometry=geometry,
+            frame_time=0.001,
+            seed=7,
         )
     else:
         devices = make_sim_beamline(

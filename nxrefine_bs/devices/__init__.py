@@ -4,7 +4,8 @@
 * :class:`SimIonChamber` monitors, :class:`SimTemperatureController`
 * :class:`SimRotationDetector`: flyable/triggerable detector writing SWMR HDF5 stacks
 * ophyd v1: :class:`SimRotationDetectorV1` (Resource/Datum), :class:`SimGoniometerV1`...
-* :func:`make_sim_beamline`, :func:`make_sim_beamline_v1` -> :class:`SimBeamlineDevices`
+* :func:`make_sim_beamline` (``api="ophyd-async"`` or ``"ophyd"``) -> the device bundle
+  :class:`SimBeamlineDevices`
 """
 
 from .beamline import (
@@ -13,7 +14,6 @@ from .beamline import (
     default_geometry,
     detector_model,
     make_sim_beamline,
-    make_sim_beamline_v1,
 )
 from .detector import RotationPathProvider, SimRotationDetector
 from .frames import DATA_PATH, NDATTRIBUTES, NDATTRIBUTES_PATH, FrameFile, FrameSource
@@ -42,5 +42,4 @@ __all__ = [
     "default_geometry",
     "detector_model",
     "make_sim_beamline",
-    "make_sim_beamline_v1",
 ]

@@ -1,4 +1,4 @@
-"""Factories of a complete simulated beamline (ophyd-async or ophyd v1).
+"""The factory of a simulated beamline's *device bundle* (ophyd-async, or ophyd v1 by argument).
 
 Examples
 --------
@@ -39,12 +39,15 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "SimBeamlineDevices",
+    "DEVICE_APIS",
     "make_sim_beamline",
-    "make_sim_beamline_v1",
     "default_crystal",
     "default_geometry",
     "detector_model",
 ]
+
+DEVICE_APIS: tuple[str, ...] = ("ophyd-async", "ophyd")
+"""The device libraries :func:`make_sim_beamline` builds with (``api=``)."""
 
 SMALL_SHAPE = (195, 235)
 """Default shape of the ``"small"`` synthetic detector."""
@@ -199,6 +202,7 @@ def _connect_now(devices: SimBeamlineDevices) -> bool:
 def make_sim_beamline(
     directory_or_path_provider: PathProvider | str | os.PathLike[str],
     *,
+    api: str = "ophyd-async",
     crystal: SimCrystal | None = None,
     detector: str | DetectorModel = "small",
     shape: tuple[int, int] | None = None,
@@ -214,12 +218,18 @@ def make_sim_beamline(
     detector_name: str = "detector",
     connect: bool = True,
 ) -> SimBeamlineDevices:
-    """A simulated ophyd-async beamline: goniometer, detector, monitors, temperature.
+    """The device bundle of a simulated beamline: goniometer, detector, monitors, temperature.
 
     Parameters
     ----------
     directory_or_path_provider : PathProvider or path-like
-        Default location of detector files (the plans set ``<scan dir>/fN.h5``).
+        Default location of detector files (the plans set ``<scan dir>/fN.h5``); a
+        directory for ``api="ophyd"``.
+    api : {"ophyd-async", "ophyd"}
+        Device library.  ``"ophyd"`` (v1) makes instant :class:`ophyd.sim.SynAxis`
+        axes and a detector that emits Resource/Datum (step scans only, see
+        :mod:`nxrefine_bs.devices.v1`); ``temperature_time_constant`` and ``connect``
+        do not apply to it.
     crystal : SimCrystal, optional
         The sample (default :func:`default_crystal` with ``seed``).
     detector : str or DetectorModel
@@ -255,7 +265,35 @@ def make_sim_beamline(
     Returns
     -------
     SimBeamlineDevices
+
+    Raises
+    ------
+    NXRefineBSError
+        For an unknown ``api``, a path provider given to ``api="ophyd"``, or a
+        geometry whose shape is not the detector's.
     """
+    if api not in DEVICE_APIS:
+        raise NXRefineBSError(f"api must be one of {', '.join(DEVICE_APIS)}, got {api!r}")
+    if api == "ophyd":
+        if not isinstance(directory_or_path_provider, (str, os.PathLike)):
+            raise NXRefineBSError(
+                "api='ophyd' needs a directory for the detector files, not a path provider"
+            )
+        return _make_sim_beamline_v1(
+            directory_or_path_provider,
+            crystal=crystal,
+            detector=detector,
+            shape=shape,
+            geometry=geometry,
+            frame_time=frame_time,
+            n_frames=n_frames,
+            seed=seed,
+            monitors=monitors,
+            temperature=temperature,
+            simulator_kwargs=simulator_kwargs,
+            compression=compression,
+            detector_name=detector_name,
+        )
     model = detector_model(detector, shape)
     geom = geometry or default_geometry(model)
     if tuple(geom.shape) != tuple(model.shape):
@@ -306,7 +344,7 @@ def make_sim_beamline(
     return devices
 
 
-def make_sim_beamline_v1(
+def _make_sim_beamline_v1(
     directory: str | os.PathLike[str],
     *,
     crystal: SimCrystal | None = None,
@@ -322,12 +360,7 @@ def make_sim_beamline_v1(
     compression: str | None = None,
     detector_name: str = "detector",
 ) -> SimBeamlineDevices:
-    """The same simulated beamline with ophyd v1 devices (step scans only).
-
-    The goniometer and temperature are instant :class:`ophyd.sim.SynAxis` axes; the
-    detector emits Resource/Datum (see :mod:`nxrefine_bs.devices.v1`).  Parameters as
-    for :func:`make_sim_beamline`.
-    """
+    """:func:`make_sim_beamline` with ``api="ophyd"``."""
     model = detector_model(detector, shape)
     geom = geometry or default_geometry(model)
     goniometer = SimGoniometerV1(name="goniometer")
