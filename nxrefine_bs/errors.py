@@ -35,6 +35,7 @@ __all__ = [
     "ParameterError",
     "TiledError",
     "ReplayError",
+    "SpecFileError",
 ]
 
 
@@ -139,6 +140,10 @@ class TiledError(NXRefineBSError, RuntimeError):
 
 class ReplayError(NXRefineBSError, LookupError):
     """Archived runs cannot be found or replayed."""
+
+
+class SpecFileError(MetadataError):
+    """A SPEC file is missing, unreadable or malformed (the message names file and line)."""
 
 
 class DeviceConnectionError(NXRefineBSError, ConnectionError):

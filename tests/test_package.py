@@ -17,9 +17,6 @@ ERRORS_ELSEWHERE = {
     # internal retry marker of the task runner (an OSError the workflow retries); never
     # raised to users
     ("workflow/task.py", "TransientIOError"),
-    # the SPEC reader's error (a MetadataError); left while beamlines/spec.py was being
-    # finished by another change
-    ("beamlines/spec.py", "SpecFileError"),
 }
 
 

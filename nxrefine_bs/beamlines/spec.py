@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from ..errors import MetadataError
+from ..errors import SpecFileError
 
 __all__ = ["SpecFileError", "SpecScan", "SpecFile", "read_spec", "parse_spec_date"]
 
@@ -65,10 +65,6 @@ SPEC_DATE_FORMAT = "%a %b %d %H:%M:%S %Y"
 
 _KEY = re.compile(r"^\s*(-?\d+)(?:\.(\d+))?\s*$")
 _GROUP = re.compile(rb"^#([OP])(\d+)(?:[ \t](.*))?$")
-
-
-class SpecFileError(MetadataError):
-    """A SPEC file is missing, unreadable or malformed (the message names file and line)."""
 
 
 def parse_spec_date(text: str) -> datetime | None:
