@@ -9,9 +9,10 @@ calibration, masks, settings):
   directory if one is configured), so NXRefine/NeXpy writers wait for us and we wait
   for them.  A lock left by a process that died on this host is recognised as stale at
   once (NXLock alone would wait for its 8-hour expiry).
-* **Copy-on-write updates.**  :func:`atomic_update` copies the file to a temporary file
-  in the same directory, lets the caller modify the copy, flushes it to disk and
-  renames it over the original.  A crash (kill -9) or a full disk at any instant leaves
+* **Copy-on-write updates.**  :func:`atomic_update` lets the caller modify an in-memory
+  image of the file, writes the image to a temporary file in the same directory,
+  flushes it to disk and renames it over the original.  A crash (kill -9) or a full
+  disk at any instant leaves
   either the old or the new content, never a truncated HDF5 file; readers holding the
   old file open never block the update (they keep reading the old inode).
 
@@ -301,7 +302,12 @@ def atomic_update(
         try:
             if exists:
                 shutil.copyfile(path, tmp)
-            f = h5py.File(tmp, "r+" if exists else "w")
+            # HDF5 works on an in-memory image (the core driver, no backing store): it
+            # never writes to disk itself, so a full disk shows up as a plain OSError in
+            # the write below, never inside HDF5 (where it can leave the library in a
+            # state that crashes the process later).  The image's file name is the
+            # temporary's, in the same directory, so relative links come out right.
+            f = h5py.File(tmp, "r+" if exists else "w", driver="core", backing_store=False)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -309,9 +315,14 @@ def atomic_update(
         try:
             try:
                 yield f
+                f.flush()
+                image = f.id.get_file_image()
             finally:
                 f.close()
-            fsync_path(tmp)
+            with open(tmp, "wb") as out:
+                out.write(image)
+                out.flush()
+                os.fsync(out.fileno())
             os.replace(tmp, path)
             fsync_path(path.parent)
         except OSError as exc:

@@ -26,6 +26,7 @@ from ..nexus.entries import rotation_entries
 from ..nexus.geometry_io import read_cell, read_orientation
 from ..nexus.h5tools import read_field
 from ..nexus.provenance import now_iso, process_done, record_process
+from ..nexus.safewrite import ensure_free_space
 from ..nexus.scanfile import open_scan_file, update_scan_file
 from .lattice import LatticeError, read_lattice
 from .setting import setting_relation
@@ -196,6 +197,8 @@ def run(
                 )
         assert grid is not None
         shape = grid.shape
+        # refuse up front: HDF5 must never meet a full disk (see nexus.safewrite)
+        ensure_free_space(out.parent, 3 * 4 * int(np.prod(shape)), f"write {out.name}")
         write_transform_file(tmp, grid, None, signal="data")
         filled = 0
         with h5py.File(tmp, "r+") as of:

@@ -56,7 +56,7 @@ from ..errors import FileExistsNXError, PathSafetyError, ReductionError
 from ..nexus.h5tools import nx_group, read_field, write_external_link
 from ..nexus.nxreduce import store_parameters
 from ..nexus.provenance import now_iso, process_done, record_process
-from ..nexus.safewrite import removing_on_error
+from ..nexus.safewrite import ensure_free_space, removing_on_error
 from ..nexus.scanfile import open_scan_file, update_scan_file
 from .framestream import FrameStream, open_frames
 from .parameters import resolve_frame_range, settings_values
@@ -335,6 +335,9 @@ def _write_mask(
     masked = 0
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mask-writer")
     pending: list[Future[None]] = []
+    # refuse up front (the uncompressed size bounds the file): HDF5 must never meet a
+    # full disk, see nxrefine_bs.nexus.safewrite
+    ensure_free_space(Path(path).parent, nf * ny * nx, f"write {Path(path).name}")
     with h5py.File(path, "w") as mf:
         mf.attrs["default"] = "entry"
         ment = nx_group(mf, "entry", "NXentry")
