@@ -6,7 +6,6 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,6 +13,7 @@ from numpy.typing import ArrayLike
 
 from ..errors import CalibrationError
 from ..nexus.entries import rotation_entries
+from ..nexus.safewrite import atomic_update
 from .result import CalibrationResult
 
 __all__ = [
@@ -84,28 +84,12 @@ def resolve_entries(
 def atomic_h5_update(filename: str | os.PathLike[str]) -> Iterator[Any]:
     """Open a copy of ``filename`` for writing; replace the original only on success.
 
-    The copy lives next to the original (so relative external links stay valid) and
-    replaces it with :func:`os.replace`; on any error it is deleted and the original is
-    left byte-identical.
+    The one copy-on-write update of the package,
+    :func:`nxrefine_bs.nexus.safewrite.atomic_update`: under the file's NXLock-compatible
+    lock, checked for free space; on any error the original is left byte-identical.
     """
-    import shutil
-    import tempfile
-
-    import h5py
-
-    path = Path(filename)
-    fd, tmpname = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmpname)
-    try:
-        shutil.copy2(path, tmp)
-        with h5py.File(tmp, "r+") as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    with atomic_update(filename) as f:
+        yield f
 
 
 def write_calibration(
