@@ -56,6 +56,10 @@ import numpy as np
 
 from ..errors import FileExistsNXError, InvalidNameError, PathSafetyError, RawDataError
 from ..experiment import Experiment, ScanPaths, safe_join, validate_name
+from ..nexus.entries import rotation_entries
+from ..nexus.h5tools import read_field
+from ..nexus.scanfile import create_scan_file, update_scan_file
+from ..nexus.template import DATA_PATH, read_configuration
 from .base import BeamLine
 from .images import IMAGE_SUFFIXES, RawRotation, RawScan, find_images, natural_key, stack_images
 from .qm2_logs import (
@@ -298,8 +302,6 @@ class QM2Beamline(BeamLine):
         TemplateError
             If the configuration is missing or unreadable.
         """
-        from ..nexus.template import read_configuration
-
         config_path = self._configuration_path(experiment, configuration)
         info = read_configuration(config_path)
         experiment.sample_dir(sample, label)  # validates names
@@ -391,8 +393,6 @@ class QM2Beamline(BeamLine):
         return _Job(raw, paths, rotations, temperature, tuple(info.shape), spec.path)
 
     def _write(self, job: _Job, config_path: Path, *, overwrite: bool, progress: bool) -> Path:
-        from ..nexus.scanfile import create_scan_file, update_scan_file
-
         paths = job.paths
         data_dir = self.scan_data_directory(paths)
         made_dirs = [
@@ -454,8 +454,6 @@ class QM2Beamline(BeamLine):
 
     def _spec_scan(self, scan_paths: ScanPaths, entry: str) -> SpecScan | None:
         """The SPEC scan recorded in ``fN/scan_number`` of an imported scan file."""
-        from ..nexus.h5tools import read_field
-
         if not scan_paths.scan_file.is_file():
             return None
         try:
@@ -507,8 +505,6 @@ class QM2Beamline(BeamLine):
         values = []
         entries = []
         if scan_paths.scan_file.is_file():
-            from ..nexus.scanfile import rotation_entries
-
             entries = rotation_entries(scan_paths.scan_file)
         for entry in entries:
             scan = self._spec_scan(scan_paths, entry)
@@ -526,8 +522,6 @@ class QM2Beamline(BeamLine):
 
 def _template_links(config_path: Path, entries: Iterable[str]) -> dict[str, tuple[str, str]]:
     """``{entry: (stack file name, dataset path)}`` as create_scan_file will link them."""
-    from ..nexus.template import DATA_PATH
-
     out = {}
     with h5py.File(config_path, "r") as f:
         for entry in entries:
