@@ -13,7 +13,14 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from caproto import ChannelChar, ChannelData, ChannelDouble, ChannelEnum, ChannelInteger
+from caproto import (
+    ChannelChar,
+    ChannelData,
+    ChannelDouble,
+    ChannelEnum,
+    ChannelInteger,
+    ChannelType,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +51,22 @@ def _hooked(base: type[ChannelData]) -> type[ChannelData]:
     return Hooked
 
 
+class _LongString(_hooked(ChannelChar)):  # type: ignore[misc]
+    """A char-waveform string that also takes the empty string (a lone NUL over CA),
+    which caproto's conversion rejects."""
+
+    async def write_from_dbr(
+        self, data: Any, data_type: Any, metadata: Any, *, flags: int = 0
+    ) -> Any:
+        if data_type == ChannelType.CHAR and len(data) and not any(data):
+            return await self.write("", flags=flags)
+        return await super().write_from_dbr(data, data_type, metadata, flags=flags)
+
+
 _DOUBLE = _hooked(ChannelDouble)
 _INT = _hooked(ChannelInteger)
 _ENUM = _hooked(ChannelEnum)
-_CHAR = _hooked(ChannelChar)
+_CHAR = _LongString
 
 
 class PV:
