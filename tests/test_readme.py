@@ -41,6 +41,8 @@ SKIPPED_COMMANDS: dict[str, str] = {
     "nxrefine-bs proxy": "a 0MQ proxy server that runs until stopped; the out-of-process "
     "writer is tested through a real proxy by tests/test_faults.py",
     "nxrefine-bs writer": "a document server that runs until stopped (see above)",
+    "nxrefine-bs ioc": "a Channel Access server that runs until stopped; tests/test_epics.py "
+    "starts it on a private port",
     "nxrefine-bs replay http": "needs a running Tiled server with its API key; replay from "
     "a served catalog is tested by tests/test_replay.py",
 }
