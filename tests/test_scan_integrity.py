@@ -327,3 +327,35 @@ def test_a_failing_or_blocking_callback_cannot_break_the_scan(RE, exp_dir):
     with h5py.File(writer.last_scan_file, "r") as f:
         assert text(f["f1/acquisition/status"][()]) == "success"
         assert json.loads(text(f["f1/acquisition/start_document"][()]))["uid"] == uid
+
+
+def test_an_interrupted_rotation_is_recollected_into_the_same_entry(RE, exp_dir):
+    bl = small_beamline(exp_dir, frame_time=0.02)
+    writer = NeXusScanWriter()
+    RE.subscribe(writer)
+    requested: list[int] = []
+
+    def pause_early(name, doc):
+        if name == "stream_datum" and doc["indices"]["stop"] >= 5 and not requested:
+            requested.append(1)
+            threading.Thread(target=RE.request_pause).start()
+
+    token = RE.subscribe(pause_early, critical=True)
+    with pytest.raises(RunEngineInterrupted):
+        RE(scan(bl, exp_dir, phi_end=15.0))
+    RE.abort("beam lost")
+    RE.unsubscribe(token)
+    with pytest.raises(MetadataError, match="recollect=True"):
+        RE(scan(bl, exp_dir, phi_end=15.0))  # raw data are never overwritten
+    RE(scan(bl, exp_dir, phi_end=15.0, recollect=True))
+    scan_file = writer.last_scan_file
+    raw = scan_file.parent / "300K"
+    assert sorted(p.name for p in raw.glob("*.h5")) == ["f1.h5", "f1_2.h5"]
+    with h5py.File(scan_file, "r") as f:
+        fe = f["f1"]
+        assert text(fe["acquisition/status"][()]) == "success"
+        assert int(fe["acquisition/attempts"][()]) == 2
+        assert fe.get("data/data", getlink=True).filename == "300K/f1_2.h5"
+        assert fe["data/data"].shape[0] == 30
+        assert fe["monitor/MCS1"].shape == (30,)
+        assert fe["data/frame_number"].shape == (30,)

@@ -91,6 +91,7 @@ def rotation_scan(
     configuration: str | os.PathLike[str] | None = None,
     frame_time: float | None = None,
     baseline: bool = True,
+    recollect: bool = False,
     md: Mapping[str, Any] | None = None,
 ) -> MsgGenerator[str]:
     """One continuous (fly) rotation: one run, no events, frames as StreamResource/Datum.
@@ -124,6 +125,11 @@ def rotation_scan(
     baseline : bool
         Record goniometer, detector stage and temperature in a ``baseline`` stream
         (turn off if the RunEngine's ``SupplementalData`` already does).
+    recollect : bool
+        Collect ``entry`` again (after an interrupted rotation): the frames go to a new
+        detector file ``<entry>_2.h5``, ``<entry>_3.h5``... (raw data are never
+        overwritten) and the writer re-points the entry at it, counting the attempts in
+        ``fN/acquisition/attempts``.
     md : mapping, optional
         Extra start-document metadata.
 
@@ -160,6 +166,7 @@ def step_rotation_scan(
     configuration: str | os.PathLike[str] | None = None,
     frame_time: float | None = None,
     baseline: bool = True,
+    recollect: bool = False,
     md: Mapping[str, Any] | None = None,
 ) -> MsgGenerator[str]:
     """One step rotation: move phi, trigger and read, one ``primary`` event per frame.

@@ -193,10 +193,13 @@ def prepare_rotation(
     temperature: float | None = None,
     beamline: str = "sim",
     configuration: str | os.PathLike[str] | None = None,
+    recollect: bool = False,
 ) -> RotationSpec:
     """Validate the arguments of one rotation; nothing is moved or written.
 
     ``chi``, ``omega`` and ``theta`` default to the detector's configured geometry.
+    With ``recollect``, an entry whose detector file exists is collected again into a
+    new file ``<entry>_<k>.h5`` (raw data are never overwritten).
 
     Raises
     ------
@@ -224,10 +227,16 @@ def prepare_rotation(
     except PathSafetyError as exc:
         raise MetadataError(str(exc)) from exc
     detector_file = scan_dir / f"{entry}.h5"
-    if detector_file.exists():
+    if detector_file.exists() and recollect:
+        attempt = 2
+        while (scan_dir / f"{entry}_{attempt}.h5").exists():
+            attempt += 1
+        detector_file = scan_dir / f"{entry}_{attempt}.h5"
+    elif detector_file.exists():
         raise MetadataError(
             f"detector file {detector_file} exists; raw data are never overwritten - use a "
-            "new scan name or entry"
+            "new scan name or entry, or recollect=True to collect this entry again into a "
+            "new detector file"
         )
     angles = {
         key: _number(geom_value if value is None else value, key)
