@@ -94,6 +94,7 @@ def _check_after_kill(exp_dir: Path) -> dict[str, Any]:
     report = repair_scan_file(scan_file)
     outcome["cleared"] = len(report.cleared)
     outcome["crashed"] = dict(report.crashed)
+    outcome["linked_by_repair"] = list(report.linked)
     for raw in (scan_file.parent / "300K").glob("*.h5"):
         assert not is_marked_open(raw)
         with h5py.File(raw, "r") as f:  # an ordinary open, as max, nxload and NXRefine do
@@ -105,11 +106,17 @@ def _check_after_kill(exp_dir: Path) -> dict[str, Any]:
         for entry in outcome["entries"]:
             status = f[f"{entry}/acquisition/status"][()].decode()
             assert status in ("success", "crash"), status
+            raw = scan_file.parent / "300K" / f"{entry}.h5"
+            if raw.exists():  # every frame on disk is reachable from the scan file
+                with h5py.File(raw, "r") as r:
+                    on_disk = r["entry/data/data"].shape[0] if "entry/data/data" in r else 0
+                if on_disk:
+                    assert f[f"{entry}/data/data"].shape[0] == on_disk
             if status == "crash":
                 n = f[f"{entry}/data/frame_number"].shape[0]
-                if "data" in f[f"{entry}/data"]:
-                    assert f[f"{entry}/data/data"].shape[0] >= n
-    outcome["leftovers"] = [p.name for p in leftovers]
+                assert f[f"{entry}/data/data"].shape[0] >= n if n else True
+    outcome["leftovers"] = [p.name for p in leftovers if p.exists()]
+    assert not outcome["leftovers"]  # repair removed what a killed update left
     return outcome
 
 
@@ -126,7 +133,7 @@ def _kill_trials(experiment_factory, trials: int, seed: int) -> list[dict[str, A
             assert proc.stdout.readline().strip() == "ready"
             scan_file = exp_dir / "s" / "x" / "s_300K.nxs"
             wait_for(scan_file.exists, what="the scan file")
-            time.sleep(rng.uniform(0.0, 1.0))  # the fault: kill at a random instant
+            time.sleep(rng.uniform(0.0, 2.5))  # the fault: kill at a random instant
             proc.send_signal(signal.SIGKILL)
         finally:
             proc.wait(60)

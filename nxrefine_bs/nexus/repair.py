@@ -27,7 +27,8 @@ import h5py
 import numpy as np
 
 from ..errors import ScanFileError
-from .h5tools import nx_group, write_field
+from .h5tools import nx_group, write_external_link, write_field
+from .safewrite import remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +141,8 @@ class RepairReport:
     scan_file: Path
     cleared: list[Path] = field(default_factory=list)
     crashed: dict[str, int] = field(default_factory=dict)  # entry -> readable frames
+    linked: list[str] = field(default_factory=list)  # entries whose frames were unlinked
+    removed: list[Path] = field(default_factory=list)  # stale temporary copies deleted
 
 
 def _readable_frames(path: Path, dataset: str) -> int:
@@ -176,19 +179,34 @@ def repair_scan_file(scan_file: str | os.PathLike[str]) -> RepairReport:
     except OSError as exc:
         raise ScanFileError(f"cannot read {scan_file}: {exc}") from exc
     candidates = {path for path, _ in links.values()}
+    scan_dir: Path | None = None
     with contextlib.suppress(Exception):  # the scan directory, linked or not yet linked
         from ..experiment import ScanPaths
 
-        candidates.update(ScanPaths.from_scan_file(scan_file).scan_dir.glob("*.h5"))
+        scan_dir = ScanPaths.from_scan_file(scan_file).scan_dir
+        candidates.update(scan_dir.glob("*.h5"))
+    for entry in running:  # the writer died before it linked the detector file
+        if entry not in links and scan_dir is not None:
+            found = sorted(
+                scan_dir.glob(f"{entry}_*.h5"), key=lambda p: int(p.stem.rpartition("_")[2])
+                if p.stem.rpartition("_")[2].isdigit() else 0,
+            )
+            path = found[-1] if found else scan_dir / f"{entry}.h5"
+            if path.is_file():
+                links[entry] = (path.resolve(), "/entry/data/data")
+                report.linked.append(entry)
     for path in sorted(candidates):
         if path.is_file() and clear_open_for_write(path):
             report.cleared.append(path)
+    report.removed = remove_stale_temporaries(scan_file)  # copies a killed update left
     if running:
         with update_scan_file(scan_file) as f:
             for entry in running:
                 link = links.get(entry)
                 n = _readable_frames(*link) if link is not None else 0
                 fe = f[entry]
+                if entry in report.linked and link is not None:
+                    write_external_link(nx_group(fe, "data", "NXdata"), "data", *link)
                 acq = nx_group(fe, "acquisition", "NXcollection")
                 write_field(acq, "status", "crash")
                 write_field(
