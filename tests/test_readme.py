@@ -38,6 +38,8 @@ SKIPPED_COMMANDS: dict[str, str] = {
     "ipython": "starts an interactive IPython session; the profile is tested by "
     "tests/test_profile.py",
     "NXREFINE_BS_EXPERIMENT=": "starts an interactive IPython session (see above)",
+    "EPICS_CA_ADDR_LIST=": "starts an interactive IPython session on EPICS devices; the "
+    "profile is tested against the simulated IOC by tests/test_epics.py",
     "nxrefine-bs proxy": "a 0MQ proxy server that runs until stopped; the out-of-process "
     "writer is tested through a real proxy by tests/test_faults.py",
     "nxrefine-bs writer": "a document server that runs until stopped (see above)",
