@@ -15,9 +15,11 @@ Two pieces:
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +59,9 @@ class NonCritical:
             target=self._work, name=f"callback {self.name}", daemon=True
         )
         self._thread.start()
+        # stop the thread before the interpreter tears modules down (a daemon thread
+        # still inside h5py or a Tiled client at shutdown can crash the process)
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     def __call__(self, name: str, doc: dict[str, Any]) -> None:
         try:
@@ -104,6 +109,12 @@ class NonCritical:
         self.flush(timeout)
         self._queue.put(None)
         self._thread.join(timeout)
+
+
+def _close_at_exit(ref: weakref.ReferenceType[NonCritical]) -> None:
+    wrapper = ref()
+    if wrapper is not None and wrapper._thread.is_alive():
+        wrapper.close(timeout=10.0)
 
 
 def _is_critical(func: Any) -> bool:
