@@ -17,6 +17,7 @@ NXREFINE_BS_CONNECT_TIMEOUT
 
 import atexit
 import os
+import threading
 
 from bluesky.run_engine import call_in_bluesky_event_loop
 
@@ -65,7 +66,10 @@ session = start_session(
     tiled=_tiled_target(os.environ.get("NXREFINE_BS_TILED")),
     progress=_flag(os.environ.get("NXREFINE_BS_PROGRESS"), True),
 )
-atexit.register(session.close)
+# Close the session before Python waits for its worker threads (the embedded Tiled
+# catalog's threads are not daemons: a plain atexit handler would run only after that
+# wait, which never ends).
+getattr(threading, "_register_atexit", atexit.register)(session.close)
 writer = session.writer
 reduction = session.reduction
 tiled = session.tiled
