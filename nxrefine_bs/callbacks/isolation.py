@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["NonCritical", "BeamlineRunEngine"]
 
+ISOLATED_FLUSH_TIMEOUT = 5.0
+"""Seconds ``RE(plan)`` gives isolated callbacks to catch up after the plan."""
+
 
 class NonCritical:
     """Run ``callback`` on a worker thread; never raise into, or block, the caller.
@@ -188,6 +191,10 @@ class BeamlineRunEngine(RunEngine):
                         type(writer).__name__,
                         self.flush_timeout,
                     )
+            # let isolated callbacks catch up briefly, so code after RE(...) sees what
+            # they recorded; a slow one (a Tiled server that is down) goes on alone
+            for wrapper in list(self._isolated.values()):
+                wrapper.flush(ISOLATED_FLUSH_TIMEOUT)
         for writer in list(self._writers.values()):
             new = list(getattr(writer, "errors", ()))[errors_before.get(id(writer), 0) :]
             if new:
