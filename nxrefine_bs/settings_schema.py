@@ -35,6 +35,9 @@ __all__ = [
     "default_settings",
     "format_value",
     "NXREFINE_SERVER_TYPES",
+    "parse_bool",
+    "parse_float",
+    "parse_int",
 ]
 
 _TRUE = {"true", "yes", "y", "on", "1"}
@@ -115,11 +118,11 @@ class SettingSpec:
             value = value.item()
         out: Any
         if self.type is bool:
-            out = _parse_bool(value)
+            out = parse_bool(value)
         elif self.type is int:
-            out = _parse_int(value)
+            out = parse_int(value)
         elif self.type is float:
-            out = _parse_float(value)
+            out = parse_float(value)
         else:
             if not isinstance(value, str):
                 raise ValueError(f"expected text, got {value!r}")
@@ -139,7 +142,8 @@ def _check_detector_driver(value: Any) -> None:
         raise ValueError("sim (ADSimDetector) or pilatus (ADPilatus)")
 
 
-def _parse_bool(value: Any) -> bool:
+def parse_bool(value: Any) -> bool:
+    """``true/yes/y/on/1`` or ``false/no/n/off/0`` (any case), a bool, or 0/1."""
     if isinstance(value, bool):
         return value
     if isinstance(value, int | float) and value in (0, 1):
@@ -153,9 +157,12 @@ def _parse_bool(value: Any) -> bool:
     raise ValueError(f"expected true/false, got {value!r}")
 
 
-def _parse_float(value: Any) -> float:
+def parse_float(value: Any) -> float:
+    """A finite float from a number, numpy scalar or text (not a bool)."""
     if isinstance(value, bool):
         raise ValueError(f"expected a number, got {value!r}")
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():
+        value = value.item()
     try:
         out = float(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError):
@@ -165,8 +172,9 @@ def _parse_float(value: Any) -> float:
     return out
 
 
-def _parse_int(value: Any) -> int:
-    out = _parse_float(value)
+def parse_int(value: Any) -> int:
+    """A whole number (``2``, ``2.0``, ``"2"``) as an int."""
+    out = parse_float(value)
     if not out.is_integer():
         raise ValueError(f"expected a whole number, got {value!r}")
     return int(out)

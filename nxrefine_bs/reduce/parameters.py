@@ -39,12 +39,12 @@ nxrefine_bs.errors.ParameterError: unknown parameter 'threshhold' for step \
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ParameterError
+from ..settings_schema import parse_bool, parse_float, parse_int
 
 __all__ = [
     "Parameter",
@@ -72,41 +72,6 @@ DEFAULT_LAST_MARGIN = 10
 # --------------------------------------------------------------------------- value parsers
 
 
-def _number(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"expected a number, got {value!r}")
-    if hasattr(value, "item") and getattr(value, "shape", None) == ():
-        value = value.item()
-    try:
-        out = float(value.strip() if isinstance(value, str) else value)
-    except (TypeError, ValueError):
-        raise ValueError(f"expected a number, got {value!r}") from None
-    if not math.isfinite(out):
-        raise ValueError(f"expected a finite number, got {value!r}")
-    return out
-
-
-def _int(value: Any) -> int:
-    out = _number(value)
-    if not out.is_integer():
-        raise ValueError(f"expected a whole number, got {value!r}")
-    return int(out)
-
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int | float) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in {"true", "yes", "y", "on", "1"}:
-            return True
-        if text in {"false", "no", "n", "off", "0"}:
-            return False
-    raise ValueError(f"expected true/false, got {value!r}")
-
-
 def _str(value: Any) -> str:
     if isinstance(value, bytes):
         value = value.decode()
@@ -119,7 +84,7 @@ def _grid(value: Any) -> tuple[float, float, float]:
     """``MIN,STEP,MAX`` (text or a 3-sequence) as three floats."""
     items = value.split(",") if isinstance(value, str) else value
     try:
-        lo, step, hi = (_number(v) for v in items)
+        lo, step, hi = (parse_float(v) for v in items)
     except (TypeError, ValueError):
         raise ValueError(f"expected MIN,STEP,MAX, got {value!r}") from None
     if step <= 0 or hi <= lo:
@@ -140,9 +105,9 @@ def _any(value: Any) -> Any:
 
 
 _PARSERS: dict[str, Callable[[Any], Any]] = {
-    "int": _int,
-    "float": _number,
-    "bool": _bool,
+    "int": parse_int,
+    "float": parse_float,
+    "bool": parse_bool,
     "str": _str,
     "grid": _grid,
     "names": _names,
