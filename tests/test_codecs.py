@@ -151,3 +151,21 @@ def test_simulated_detector_writes_bslz4(tmp_path):
     with FrameStream(src) as stream:
         assert stream.reader.method == "chunks:bitshuffle-lz4"
         np.testing.assert_array_equal(stream.read(0, SHAPE[0]), frames)
+
+
+def test_corrupt_bslz4_chunk_is_an_error_not_garbage(tmp_path):
+    """A chunk the C decoder rejects goes to HDF5, which reports it: never silent garbage."""
+    frames = _frames()
+    src = _write(tmp_path / "c.h5", frames, "bslz4")
+    with h5py.File(src.data_file, "r+") as f:
+        ds = f["entry/data/data"]
+        _, good = ds.id.read_direct_chunk((2, 0, 0))
+        bad = good[:12] + bytes(len(good) - 12)  # right header, zeroed payload
+        ds.id.write_direct_chunk((2, 0, 0), bad)
+    with h5py.File(src.data_file, "r") as f:
+        reader = ChunkReader(f["entry/data/data"])
+        out = np.empty((1,) + SHAPE[1:], dtype=np.int32)
+        reader.read(out, 1, 2)  # an intact chunk, decoded straight into out
+        np.testing.assert_array_equal(out[0], frames[1])
+        with pytest.raises(OSError):
+            reader.read(out, 2, 3)

@@ -16,7 +16,8 @@ releases the GIL, so that several threads decode different chunks in parallel:
 ========================  =====================================================
 pipeline                  decoder
 ========================  =====================================================
-bitshuffle + LZ4 / Zstd   :mod:`bitshuffle` (AVX2), ``decompress_lz4/zstd``
+bitshuffle + LZ4 / Zstd   bitshuffle's C decoder (AVX2) via :mod:`ctypes`, into
+                          the caller's buffer (no temporary, no copy)
 gzip (optionally shuffle) :func:`zlib.decompress` (+ byte unshuffle in numpy)
 LZ4 (32004)               :mod:`lz4.block`, if installed
 Blosc (32001)             :func:`blosc2.decompress`, if installed
@@ -29,11 +30,14 @@ so the result is always the one HDF5 itself would return.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import struct
+import threading
 import zlib
 from collections.abc import Callable
 from itertools import product
+from pathlib import Path
 from typing import Any
 
 import h5py
@@ -135,27 +139,114 @@ def dataset_filters(dataset: h5py.Dataset) -> list[tuple[int, tuple[int, ...]]]:
 
 
 # ----------------------------------------------------------------------------- decoders
-Decoder = Callable[[bytes, tuple[int, ...], np.dtype], NDArray[Any]]
+Decoder = Callable[..., NDArray[Any]]
+"""``decode(buf, shape, dtype[, out])``: a chunk's bytes -> array (``out`` if given)."""
+
+
+class _BitshuffleC:
+    """The bitshuffle C library's block decoders, called through :mod:`ctypes`.
+
+    ``bshuf_decompress_lz4/zstd`` write straight into the caller's buffer (no temporary
+    frame, no copy) and, being foreign calls, release the GIL.  The library's own OpenMP
+    team is limited to one thread in every thread that decodes: parallelism comes from
+    the reader threads, whose number the caller chooses.  ``None`` attributes if the
+    symbols cannot be found (then the Python API is used).
+    """
+
+    def __init__(self) -> None:
+        self.lz4: Any = None
+        self.zstd: Any = None
+        self._omp_set: Any = None
+        self._local = threading.local()
+        try:
+            import bitshuffle.ext as ext
+
+            lib = ctypes.CDLL(ext.__file__)
+        except (ImportError, OSError) as exc:  # pragma: no cover - declared dependency
+            logger.debug("bitshuffle C decoder unavailable: %s", exc)
+            return
+        for name in ("lz4", "zstd"):
+            func = getattr(lib, f"bshuf_decompress_{name}", None)
+            if func is not None:
+                func.restype = ctypes.c_int64
+                func.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_size_t] * 3
+                setattr(self, name, func)
+        libs = Path(ext.__file__).parent.parent / "bitshuffle.libs"
+        for gomp in sorted(libs.glob("libgomp*.so*")) if libs.is_dir() else []:
+            try:
+                self._omp_set = ctypes.CDLL(str(gomp)).omp_set_num_threads
+            except (OSError, AttributeError):  # pragma: no cover
+                continue
+            break
+
+    def one_thread(self) -> None:
+        """Limit bitshuffle's OpenMP team to one thread for the calling thread (once)."""
+        if self._omp_set is not None and not getattr(self._local, "done", False):
+            self._omp_set(1)
+            self._local.done = True
+
+
+_BSHUF: _BitshuffleC | None = None
+
+
+def _bshuf_c() -> _BitshuffleC:
+    global _BSHUF
+    if _BSHUF is None:
+        _BSHUF = _BitshuffleC()
+    return _BSHUF
 
 
 def _bitshuffle_decoder(values: tuple[int, ...]) -> Decoder | None:
-    try:
-        import bitshuffle
-    except ImportError:  # pragma: no cover - declared dependency
-        return None
     comp = values[4] if len(values) > 4 else 0
-    if comp == 2:
-        func = bitshuffle.decompress_lz4
-    elif comp == 3 and hasattr(bitshuffle, "decompress_zstd"):
-        func = bitshuffle.decompress_zstd
-    else:
+    if comp not in (2, 3):
+        return None
+    clib = _bshuf_c()
+    cfunc = clib.lz4 if comp == 2 else clib.zstd
+    if cfunc is None:  # pragma: no cover - the Python API (allocates and copies)
+        return _bitshuffle_py_decoder(comp)
+
+    def decode(
+        buf: bytes, shape: tuple[int, ...], dtype: np.dtype, out: NDArray[Any] | None = None
+    ) -> NDArray[Any]:
+        # header: uint64 BE uncompressed bytes, uint32 BE block size in bytes
+        nbytes, block_bytes = struct.unpack(">QI", buf[:12])
+        if out is None:
+            out = np.empty(shape, dtype=dtype)
+        if nbytes != out.nbytes or not out.flags.c_contiguous:
+            raise ValueError(f"chunk holds {nbytes} bytes, expected {out.nbytes}")
+        clib.one_thread()
+        src = np.frombuffer(buf, dtype=np.uint8)
+        used = cfunc(
+            src.ctypes.data + 12,
+            out.ctypes.data,
+            out.size,
+            dtype.itemsize,
+            block_bytes // dtype.itemsize,
+        )
+        if used != src.size - 12:
+            raise ValueError(f"bitshuffle decoder returned {used} for {src.size - 12} bytes")
+        return out
+
+    return decode
+
+
+def _bitshuffle_py_decoder(comp: int) -> Decoder | None:  # pragma: no cover - fallback
+    import bitshuffle
+
+    func = bitshuffle.decompress_lz4 if comp == 2 else getattr(bitshuffle, "decompress_zstd", None)
+    if func is None:
         return None
 
-    def decode(buf: bytes, shape: tuple[int, ...], dtype: np.dtype) -> NDArray[Any]:
-        # header: uint64 BE uncompressed bytes, uint32 BE block size in bytes
+    def decode(
+        buf: bytes, shape: tuple[int, ...], dtype: np.dtype, out: NDArray[Any] | None = None
+    ) -> NDArray[Any]:
         block_bytes = struct.unpack(">I", buf[8:12])[0]
         arr = np.frombuffer(buf, dtype=np.uint8, offset=12)
-        return func(arr, shape, dtype, block_bytes // dtype.itemsize)
+        got = func(arr, shape, dtype, block_bytes // dtype.itemsize)
+        if out is None:
+            return got
+        out[...] = got
+        return out
 
     return decode
 
@@ -259,6 +350,8 @@ class ChunkReader:
                     self.codec,
                 )
         self.method = f"chunks:{self.codec}" if self._decode is not None else "h5py"
+        # decoders that can write into the caller's buffer (C-contiguous whole chunks)
+        self._direct = self.codec.startswith("bitshuffle-") and _bshuf_c().lz4 is not None
         self.chunks = tuple(dataset.chunks) if dataset.chunks else None
 
     @property
@@ -289,5 +382,16 @@ class ChunkReader:
                     out, np.s_[a:b, y0:y1, x0:x1], np.s_[a - start : b - start, y0:y1, x0:x1]
                 )
                 continue
-            chunk = self._decode(buf, (cz, cy, cx), self.dtype)
-            target[...] = chunk[a - z0 : b - z0, : y1 - y0, : x1 - x0]
+            whole = a == z0 and b == z0 + cz and target.shape[1:] == (cy, cx)
+            try:
+                if whole and self._direct and target.dtype == self.dtype:
+                    # decode straight into the caller's buffer (contiguous: whole frames)
+                    self._decode(buf, (cz, cy, cx), self.dtype, out=target)
+                else:
+                    chunk = self._decode(buf, (cz, cy, cx), self.dtype)
+                    target[...] = chunk[a - z0 : b - z0, : y1 - y0, : x1 - x0]
+            except ValueError as exc:  # let HDF5 decode it (and report a corrupt chunk)
+                logger.debug("%s: chunk %s: %s", self.dataset.name, (z0, y0, x0), exc)
+                self.dataset.read_direct(
+                    out, np.s_[a:b, y0:y1, x0:x1], np.s_[a - start : b - start, y0:y1, x0:x1]
+                )

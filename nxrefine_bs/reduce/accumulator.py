@@ -2,11 +2,12 @@
 
 :class:`Accumulator` owns the float32 grid (``v`` and ``n`` interleaved, so one update
 touches one cache line) and the per-pixel vectors, and adds blocks of frames with
-:func:`~nxrefine_bs.reduce.transform_kernel.scatter_block`.  With ``nthreads > 1`` the
-pixels are split into bands of equal ``Q`` component along the rotation axis - which
-the rotation does not change - separated by guard bands wider than one voxel, so the
-threads never write the same voxel; the guard pixels are added afterwards by the calling
-thread.  Totals equal the one-thread result (each voxel receives the same additions;
+:func:`~nxrefine_bs.reduce.transform_kernel.scatter_block`, which visits only the pixels
+in a column range per row.  With ``nthreads > 1`` the pixels are
+split into bands of equal ``Q`` component along the rotation axis - which the rotation
+does not change - separated by guard bands wider than one voxel, so the threads never
+write the same voxel; the guard pixels (a fraction of a percent) are added afterwards by
+the calling thread.  Totals equal the one-thread result (each voxel receives the same additions;
 only their order, hence float32 rounding of ``v``, may differ).
 """
 
@@ -22,9 +23,12 @@ from numpy.typing import NDArray
 from ..errors import ReductionError
 from ..geometry import Geometry
 from .grid import QGrid, make_grid
-from .transform_kernel import scatter_block
+from .transform_kernel import row_ranges, scatter_block
 
 logger = logging.getLogger(__name__)
+
+# (band label or -1 for all, first column, one-past-last column per row); see row_ranges
+_PixelList = tuple[int, NDArray[np.int64], NDArray[np.int64]]
 
 __all__ = [
     "Accumulator",
@@ -167,9 +171,9 @@ class Accumulator:
             logger.info("sample offset set: Q along the axis is not invariant; using 1 thread")
             self.nthreads = 1
         self._pool: ThreadPoolExecutor | None = None
-        ny = geometry.shape[0]
         self.band = np.zeros(geometry.shape, dtype=np.int8)
-        self._bands: list[tuple[int, int, int]] = [(-1, 0, ny)]
+        self._lists: list[_PixelList] = [(-1, *row_ranges(self.pixel_weight > 0))]
+        self._guard: _PixelList | None = None
         if self.nthreads > 1:
             self._make_bands()
 
@@ -189,11 +193,8 @@ class Accumulator:
             near |= np.abs(t - s) < guard
         band[near] = self.nthreads  # guard band, added serially afterwards
         self.band = band
-        self._bands = []
-        for b in range(self.nthreads + 1):
-            rows = np.nonzero(((band == b) & good).any(axis=1))[0]
-            if rows.size:
-                self._bands.append((b, int(rows[0]), int(rows[-1]) + 1))
+        self._lists = [(b, *row_ranges((band == b) & good)) for b in range(self.nthreads)]
+        self._guard = (self.nthreads, *row_ranges((band == self.nthreads) & good))
         self._pool = ThreadPoolExecutor(max_workers=self.nthreads, thread_name_prefix="transform")
         logger.debug(
             "transform bands: %d threads, guard %.3g 1/A, %.2f%% guard pixels",
@@ -252,17 +253,17 @@ class Accumulator:
             self.vn,
         )
 
-        def one(b: int, r0: int, r1: int) -> tuple[int, float]:
-            return scatter_block(*args, b, r0, r1, *tail)
+        def one(pixels: _PixelList) -> tuple[int, float]:
+            return scatter_block(*args, *pixels, *tail)
 
         results: list[tuple[int, float]] = []
         if self._pool is None:
-            results.append(one(*self._bands[0]))
+            results.append(one(self._lists[0]))
         else:
-            parallel = [bd for bd in self._bands if bd[0] < self.nthreads]
-            futures = [self._pool.submit(one, *bd) for bd in parallel]
+            futures = [self._pool.submit(one, lst) for lst in self._lists]
             results.extend(fu.result() for fu in futures)
-            results.extend(one(*bd) for bd in self._bands if bd[0] == self.nthreads)
+            if self._guard is not None:
+                results.append(one(self._guard))
         added = sum(r[0] for r in results)
         self.added += added
         self.total += sum(r[1] for r in results)
