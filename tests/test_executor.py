@@ -272,6 +272,16 @@ def test_cli_status_tasks_cancel_sync(tmp_path, scan, capsys):
     assert _cli(["workflow", "tasks", str(scan.scan_file), "--status", "failed"]) == 0
     out = capsys.readouterr().out
     assert "f2.h5 is missing" in out and "1 task(s)" in out
+    # a directory lists the tasks of the scans under it: the experiment, or a sample
+    assert _cli(["workflow", "tasks", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "3 task(s)" in out and "queued" in out and "failed" in out and "done" in out
+    assert _cli(["workflow", "tasks", str(scan.scan_file.parent)]) == 0
+    assert "3 task(s)" in capsys.readouterr().out
+    other = tmp_path / "sim" / "xtal2"
+    other.mkdir()
+    assert _cli(["workflow", "tasks", str(other)]) == 0
+    assert "0 task(s)" in capsys.readouterr().out
     assert _cli(["workflow", "cancel", str(scan.scan_file)]) == 0
     assert "1 task(s) cancelled" in capsys.readouterr().out
     assert db.task_status(scan.scan_file, "f1", "find") is Status.NOT_STARTED

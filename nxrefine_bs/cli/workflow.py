@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +104,6 @@ def _finish(queue: Any, jobs: list[Any], args: argparse.Namespace) -> int:
 
 def _console(args: argparse.Namespace) -> Any:
     """A rich console; wide when the output is not a terminal (files, pipes)."""
-    import sys
-
     from rich.console import Console
 
     width = None if sys.stdout.isatty() else 200
@@ -255,15 +254,23 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 
     db = _db(args, args.paths)
     scan_file = None
+    pattern = None
     if args.paths:
         if len(args.paths) != 1:
-            raise WorkflowError("tasks takes at most one scan file")
-        scan_file = Path(args.paths[0]).absolute()
+            raise WorkflowError("tasks takes at most one scan file or directory")
+        target = Path(args.paths[0]).absolute()
+        if target.is_dir():  # the experiment, or a sample/label directory in it
+            under = db.relative_name(target)
+            if under not in (".", ""):
+                pattern = under.replace("%", r"\%").replace("_", r"\_") + "/%"
+        else:
+            scan_file = target
     records = db.list_tasks(
         status=_split(args.status),
         step=_split(args.steps),
         entry=_split(args.entries),
         scan_file=scan_file,
+        pattern=pattern,
         limit=args.limit,
     )
     if not args.all and not args.status:

@@ -120,7 +120,8 @@ class QueriesMixin:
         scan_file : path-like
             Keep one scan file.
         pattern : str
-            SQL ``LIKE`` pattern on the stored file name (``%`` wildcard).
+            SQL ``LIKE`` pattern on the stored file name (``%`` wildcard, ``\\``
+            escapes a literal ``%`` or ``_``).
         limit : int
             At most this many rows.
         """
@@ -153,7 +154,7 @@ class QueriesMixin:
             if name is not None:
                 query = query.where(ScanFileRow.filename == name)
             if pattern is not None:
-                query = query.where(ScanFileRow.filename.like(pattern))
+                query = query.where(ScanFileRow.filename.like(pattern, escape="\\"))
             query = query.order_by(
                 TaskRow.end_time.desc().nulls_last(),
                 TaskRow.start_time.desc().nulls_last(),
