@@ -11,7 +11,9 @@ command, the labels, the data and the ``#O``/``#P`` positioners equal what silx
 reads.  silx pairs all ``#O`` names with all ``#P`` values in one list, which
 goes wrong in two files (a second header section in ``lmn40.spe``, single-space
 names in ``user6idd.dat``); there the positioners are checked against spec2nexus
-and against the file's own group lines.
+and against the file's own group lines.  Last, QM2 rotations appended to two real
+files (6-ID-D's single-spaced names; 33-ID's double-spaced names and ``\\``
+continuation lines) import as from the simulator's own files.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from silx.io.specfile import SfError
 from silx.io.specfile import SpecFile as SilxSpecFile
 
 from nxrefine_bs.beamlines.qm2 import QM2Beamline
-from nxrefine_bs.beamlines.spec import SpecFileError, read_spec
+from nxrefine_bs.errors import SpecFileError
 from nxrefine_bs.experiment import Experiment
 from nxrefine_bs.nexus.template import Position, create_configuration
 from nxrefine_bs.simulation.spec import make_qm2_raw_tree
+from nxrefine_bs.specfile import SpecFile
 
 DATA = Path(str(importlib.resources.files("spec2nexus") / "data"))
 
@@ -71,10 +74,10 @@ def test_files_silx_cannot_read_are_named():
     """The folder's HDF5 files, README and sub-folder: errors naming the file and why."""
     for name in ("Data_Q.h5", "README.txt"):
         with pytest.raises(SpecFileError, match=r"is not a SPEC file silx can read") as info:
-            read_spec(DATA / name)
+            SpecFile(DATA / name)
         assert str(DATA / name) in str(info.value) and "it has 0" in str(info.value)
     with pytest.raises(SpecFileError, match=r"02_03_setup_fly is not a regular file"):
-        read_spec(DATA / "02_03_setup_fly")
+        SpecFile(DATA / "02_03_setup_fly")
 
 
 def silx_positioners(scan) -> dict[str, float] | None:
@@ -93,7 +96,7 @@ def test_file_equals_silx(name):
     silx_file = SilxSpecFile(str(path))
     mispaired = 0
     try:
-        with read_spec(path) as spec:
+        with SpecFile(path) as spec:
             assert len(spec) == len(silx_file) > 0
             assert spec.keys() == list(silx_file.keys())
             for silx_scan, scan in zip(silx_file, spec, strict=True):
@@ -116,7 +119,7 @@ def test_file_equals_silx(name):
 
 def test_repeated_scan_numbers_are_kept():
     """20220311-161530.dat restarts its numbering (78 scans, 5 numbers below 6)."""
-    with read_spec(DATA / "20220311-161530.dat") as spec:
+    with SpecFile(DATA / "20220311-161530.dat") as spec:
         assert len(spec) == 78
         assert spec.keys()[:5] == ["2.1", "3.1", "4.1", "1.1", "2.2"]
         second = spec.scan("4.2")
@@ -124,7 +127,7 @@ def test_repeated_scan_numbers_are_kept():
         assert second.line > spec.scan("4.1").line
         with pytest.raises(SpecFileError, match=r"has scan 4 \d+ times: '4.1' \(line \d+\)"):
             spec.scan(4)
-    with read_spec(DATA / "twoc.dat") as spec:
+    with SpecFile(DATA / "twoc.dat") as spec:
         assert spec.keys() == ["1.1", "2.1", "2.2"]
 
 
@@ -135,7 +138,7 @@ def test_second_header_section_as_spec2nexus(key):
 
     theirs = SpecDataFile(str(DATA / "lmn40.spe")).getScan(key)
     theirs.interpret()
-    with read_spec(DATA / "lmn40.spe") as spec:
+    with SpecFile(DATA / "lmn40.spe") as spec:
         scan = spec.scan(key)
     assert scan.positioners == pytest.approx(dict(theirs.positioner))
     if scan.line < 386:  # scan 7 is the last one of the first header
@@ -149,7 +152,7 @@ def test_single_space_motor_names():
     path = DATA / "user6idd.dat"
     silx_file = SilxSpecFile(str(path))
     try:
-        with read_spec(path) as spec:
+        with SpecFile(path) as spec:
             for silx_scan, scan in zip(silx_file, spec, strict=True):
                 names = " ".join(silx_scan.motor_names).split()
                 assert list(scan.positioners) == names
@@ -177,7 +180,7 @@ def test_data_row_check_over_corpus():
     """The import's row check passes every well-formed scan and names the bad ones."""
     found = {}
     for name in SPEC_FILES:
-        with read_spec(DATA / name) as spec:
+        with SpecFile(DATA / name) as spec:
             for scan in spec:
                 try:
                     scan.check_data()  # MCA '@A' lines and their '\' continuations skipped
@@ -189,13 +192,28 @@ def test_data_row_check_over_corpus():
         assert re.search(ROW_PROBLEMS[where], message), message
 
 
-def test_qm2_import_from_real_spec_file(tmp_path, server_settings):
-    """A real 6-ID-D SPEC file, then QM2 rotations after a new header, as SPEC appends them.
+REAL_FILES = {
+    # file: (line of its '#S 1', its last scan number, a motor name of its header)
+    "user6idd.dat": (14, 2, "Delta"),  # 6-ID-D: names separated by single spaces
+    "33id_spec.dat": (31, 106, "DCM theta"),  # double-space names, '\\' continuations
+}
 
-    The file's own scans 1 and 2 are repeated by the rotations numbered from 1, so
-    the image directories cannot be matched (an error naming both); numbered from 3
-    the import works and reads its positions from the second header section.
+
+@pytest.mark.parametrize("name", sorted(REAL_FILES))
+def test_qm2_import_from_real_spec_file(tmp_path, server_settings, name):
+    """A real SPEC file, then QM2 rotations after a new header, as SPEC appends them.
+
+    The file's own scan 1 is repeated by rotations numbered from 1, so the image
+    directories cannot be matched (an error naming both); numbered after the file's
+    last scan the import works and reads its positions from the second header section.
     """
+    first_line, last_scan, motor = REAL_FILES[name]
+    text = (DATA / name).read_bytes()
+    assert text.splitlines()[first_line - 1].startswith(b"#S 1 ")
+    assert motor.encode() in text
+    if " " in motor:  # the real-format features this file brings
+        assert re.search(rb"^#O\d+ .*\S  +" + motor.encode(), text, flags=re.MULTILINE)
+        assert text.count(b"\\\n") > 1000
     exp = Experiment.create(
         tmp_path / "analysis", "run6", beamline="QM2", raw_home=tmp_path / "raw"
     )
@@ -206,7 +224,7 @@ def test_qm2_import_from_real_spec_file(tmp_path, server_settings):
     raw = beamline.raw_directory(exp)
     spec_path = raw / "sim" / "sim"
     spec_path.parent.mkdir(parents=True)
-    shutil.copyfile(DATA / "user6idd.dat", spec_path)
+    shutil.copyfile(DATA / name, spec_path)
     options = {
         "spec_file": spec_path,
         "positions": [(-90.0, 0.0, 2.0)],
@@ -219,15 +237,18 @@ def test_qm2_import_from_real_spec_file(tmp_path, server_settings):
 
     options["detector"] = DetectorModel("Imxpad S10", (120, 80), 0.13, np.zeros((120, 80), "i1"))
     make_qm2_raw_tree(raw, scans={"10K": 10.0}, first_scan_number=1, **options)
-    with pytest.raises(SpecFileError, match=r"has scan 1 2 times: '1.1' \(line 14\), '1.2'"):
+    with pytest.raises(
+        SpecFileError, match=rf"has scan 1 2 times: '1.1' \(line {first_line}\), '1.2'"
+    ):
         beamline.import_data(exp, "one", "sim", "xtal1")
     shutil.rmtree(raw / "sim" / "xtal1")
-    tree = make_qm2_raw_tree(raw, scans={"20K": 20.0}, first_scan_number=3, **options)
+    number = last_scan + 1
+    tree = make_qm2_raw_tree(raw, scans={"20K": 20.0}, first_scan_number=number, **options)
     written = beamline.import_data(exp, "one", "sim", "xtal1", scans=["20K"])
     rot = tree.scan("20K")[0]
     with h5py.File(written[0], "r") as f:
-        assert f["f1/scan_number"][()] == 3
-        assert f["f1/instrument/logs/spec_scan"][()].decode() == "3.1"
+        assert f["f1/scan_number"][()] == number
+        assert f["f1/instrument/logs/spec_scan"][()].decode() == f"{number}.1"
         np.testing.assert_array_equal(f["f1/data/data"][()], rot.simulator.frames())
         np.testing.assert_array_equal(f["f1/monitor/flyc1"][()], rot.flyc1)
         assert f["f1/instrument/goniometer/chi"][()] == pytest.approx(-90.0)
@@ -235,6 +256,10 @@ def test_qm2_import_from_real_spec_file(tmp_path, server_settings):
         assert f["entry/sample/temperature"][()] == pytest.approx(rot.temperature.mean())
         positions = f["f1/instrument/logs/positioners"]
         assert positions["Two_Theta"].attrs["spec_name"] == "Two Theta"
-        assert "Delta" not in positions  # the 6-ID-D header does not apply to scan 3
+        assert positions["sample_y"][()] == -1.5
+        assert motor.replace(" ", "_") not in positions  # the real header does not apply
     paths = exp.scan_paths("sim", "xtal1", "20K")
     assert beamline.start_time(paths, "f1") == rot.date.isoformat()
+    with SpecFile(spec_path) as spec:  # the file's own scans read as before the rotations
+        assert spec.numbers[-3:] == [last_scan, 1, number]
+        assert motor in spec.scan("1.1").positioners

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from nxrefine_bs.beamlines.qm2 import QM2Beamline, RawDataError
-from nxrefine_bs.beamlines.spec import SpecFileError, read_spec
 from nxrefine_bs.cli import main
-from nxrefine_bs.errors import ExperimentError, FileExistsNXError, TemplateError
+from nxrefine_bs.errors import ExperimentError, FileExistsNXError, SpecFileError, TemplateError
 from nxrefine_bs.experiment import Experiment
 from nxrefine_bs.nexus.scanfile import check_data_link, read_geometry
 from nxrefine_bs.nexus.template import Position, create_configuration
 from nxrefine_bs.simulation.frames import DetectorModel
 from nxrefine_bs.simulation.spec import make_qm2_raw_tree
+from nxrefine_bs.specfile import SpecFile
 
 DETECTOR = "Imxpad S10"  # 120 x 80 pixels: the smallest pyFAI area detector
 SAMPLE, LABEL = "TiSe2", "xtal1"
@@ -122,8 +122,8 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def test_read_spec(tmp_path):
-    with read_spec(write(tmp_path / "demo", GOOD_SPEC)) as spec:
+def test_specfile(tmp_path):
+    with SpecFile(write(tmp_path / "demo", GOOD_SPEC)) as spec:
         assert spec.keys() == ["7.1", "8.1"] and len(spec) == 2
         assert 7 in spec and "7.1" in spec and "7.2" not in spec and 9 not in spec
         scan = spec.scan(7)
@@ -133,6 +133,10 @@ def test_read_spec(tmp_path):
             spec.scan(9)
         with pytest.raises(SpecFileError, match=r"'seven' is not a scan key"):
             spec.scan("seven")
+    with SpecFile(tmp_path / "demo") as again:
+        pass
+    with pytest.raises(SpecFileError, match=r"demo, scan 8.1 \(line 22\): the file was closed"):
+        again.scan(8)
     assert (scan.key, scan.number, scan.order, scan.line) == ("7.1", 7, 1, 8)
     assert scan.command == "flyangle phi 0 2 4 0.5"
     assert scan.labels == ["phi", "Two Theta", "flyc1"]
@@ -142,21 +146,22 @@ def test_read_spec(tmp_path):
     assert scan.positioners == {"phi": 0, "chi": 90, "th": 1.5, "Two Theta": 12.5, "samz": -3}
     assert scan.count_time == 0.5
     assert scan.start_time == "2023-10-10T12:01:00"
-    assert scan.comments == ["a comment inside the data"]
+    assert scan.header["C"] == "a comment inside the data"  # silx's header lines
     scan.check_data()  # the @A line and the comment are not data rows
-    assert spec.scan(8).start_time == "2023-10-10T12:00:00"  # falls back on the file date
-    assert spec.scan(8).positioners == {}  # no #P lines
+    eight = spec.scan(8)  # read after the file was closed: kept from before
+    assert eight.start_time == "2023-10-10T12:00:00"  # falls back on the file date
+    assert eight.positioners == {}  # no #P lines
     with pytest.raises(SpecFileError, match="no column 'sampleT'"):
         scan.column("sampleT")
     with pytest.raises(SpecFileError, match="no position for motor 'omega'"):
         scan.positioner("omega")
 
 
-def test_read_spec_repeated_scan_number(tmp_path):
+def test_specfile_repeated_scan_number(tmp_path):
     """SPEC restarts its numbering: both scans are kept and addressed as silx does."""
     text = GOOD_SPEC + "\n#S 8  ascan th 0 2 2 1\n#L th  flyc1\n0 7\n1 8\n2 9\n"
     path = write(tmp_path / "demo", text)
-    with read_spec(path) as spec:
+    with SpecFile(path) as spec:
         assert spec.keys() == ["7.1", "8.1", "8.2"]
         assert spec.numbers == [7, 8, 8]
         assert spec.scan("8.1").nrows == 2
@@ -177,6 +182,7 @@ def _check_data(spec, key):
     ("change", "action", "message"),
     [
         (("#S 7  flyangle", "#S seven  flyangle"), list, r"line 8: '#S' must be followed by a sc"),
+        (("#S 8  ascan th 0 1 1 1", "#S"), list, r"line 22: '#S' must be followed by a scan"),
         (
             ("0.5 1 101", "0.5 1 101 7"),
             lambda spec: _check_data(spec, 7),
@@ -205,7 +211,7 @@ def _check_data(spec, key):
         (
             ("#L th  flyc1\n", ""),
             lambda spec: _check_data(spec, 8),
-            r"line 23: data row in scan 8.1 \(line 22\) before any '#L'",
+            r"line 23: data row of scan 8.1 comes before any '#L' column labels",
         ),
         (
             ("#T 0.5", "#T soon"),
@@ -214,26 +220,26 @@ def _check_data(spec, key):
         ),
     ],
 )
-def test_read_spec_malformed(tmp_path, change, action, message):
+def test_specfile_malformed(tmp_path, change, action, message):
     """What silx reads leniently (a bad row skipped, a bad number as 0) is an error here."""
     old, new = change
     assert old in GOOD_SPEC
     path = write(tmp_path / "bad", GOOD_SPEC.replace(old, new, 1))
-    with read_spec(path) as spec, pytest.raises(SpecFileError, match=message) as info:
+    with SpecFile(path) as spec, pytest.raises(SpecFileError, match=message) as info:
         action(spec)
     assert str(path) in str(info.value)
 
 
-def test_read_spec_not_spec(tmp_path):
+def test_specfile_not_spec(tmp_path):
     with pytest.raises(SpecFileError, match="does not exist"):
-        read_spec(tmp_path / "missing")
+        SpecFile(tmp_path / "missing")
     with pytest.raises(SpecFileError, match="is not a regular file"):
-        read_spec(tmp_path)
+        SpecFile(tmp_path)
     with pytest.raises(SpecFileError, match=r"numbers is not a SPEC file silx can read .* has 0"):
-        read_spec(write(tmp_path / "numbers", "1 2 3\n"))
+        SpecFile(write(tmp_path / "numbers", "1 2 3\n"))
     with pytest.raises(SpecFileError, match="is not a SPEC file"):
-        read_spec(write(tmp_path / "empty", "\n\n"))
-    with read_spec(write(tmp_path / "header", "#F header\n#D Tue Oct 10 12:00:00 2023\n")) as spec:
+        SpecFile(write(tmp_path / "empty", "\n\n"))
+    with SpecFile(write(tmp_path / "header", "#F header\n#D Tue Oct 10 12:00:00 2023\n")) as spec:
         assert spec.keys() == [] and 1 not in spec
 
 

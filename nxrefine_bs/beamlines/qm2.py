@@ -22,7 +22,8 @@ directory, so the SPEC file is also looked for as ``<raw directory>/<sample>/<sa
   ``/entry/data/data`` ``(frames, ny, nx)`` (int32 for integer detectors, one frame
   per chunk), linked relatively from ``fN/data/data``;
 * the SPEC logs of each rotation (the SPEC file is read with :mod:`silx.io.specfile`
-  through :mod:`.spec`, and the data rows of every imported scan are checked):
+  through :mod:`nxrefine_bs.specfile`, and the data rows of every imported scan are
+  checked):
   ``fN/scan_number`` and ``instrument/logs/spec_scan`` (the scan key, ``"4.1"``),
   the per-frame monitors ``flyc1``/``flyc2`` in ``fN/monitor`` (NXmonitor, signal
   ``flyc1``), the phi array
@@ -54,12 +55,19 @@ from typing import Any, ClassVar
 import h5py
 import numpy as np
 
-from ..errors import FileExistsNXError, InvalidNameError, PathSafetyError, RawDataError
+from ..errors import (
+    FileExistsNXError,
+    InvalidNameError,
+    PathSafetyError,
+    RawDataError,
+    SpecFileError,
+)
 from ..experiment import Experiment, ScanPaths, safe_join, validate_name
 from ..nexus.entries import rotation_entries
 from ..nexus.h5tools import read_field
 from ..nexus.scanfile import create_scan_file, update_scan_file
 from ..nexus.template import DATA_PATH, read_configuration
+from ..specfile import SpecFile, SpecScan
 from .base import BeamLine
 from .images import IMAGE_SUFFIXES, RawRotation, RawScan, find_images, natural_key, stack_images
 from .qm2_logs import (
@@ -69,7 +77,6 @@ from .qm2_logs import (
     rotation_logs,
     write_rotation_logs,
 )
-from .spec import SpecFile, SpecFileError, SpecScan, read_spec
 
 __all__ = [
     "QM2Beamline",
@@ -309,7 +316,7 @@ class QM2Beamline(BeamLine):
         spec_path = Path(spec_file) if spec_file is not None else self.spec_file(experiment, sample)
         label_raw = self.raw_label_directory(experiment, sample, label)
         links = _template_links(config_path, info.entries)
-        with read_spec(spec_path) as spec:
+        with SpecFile(spec_path) as spec:
             jobs = [
                 self._plan(experiment, info, links, spec, raw, sample, label, label_raw, overwrite)
                 for raw in raw_scans
@@ -470,7 +477,7 @@ class QM2Beamline(BeamLine):
         else:
             experiment = Experiment.open(scan_paths.experiment_dir)
             spec_path = self.spec_file(experiment, scan_paths.sample)
-        with read_spec(spec_path) as spec:
+        with SpecFile(spec_path) as spec:
             return spec.scan(str(key) if key else int(number))
 
     def read_logs(self, scan_paths: ScanPaths, entry: str) -> dict[str, Any]:
@@ -478,7 +485,7 @@ class QM2Beamline(BeamLine):
         scan = self._spec_scan(scan_paths, entry)
         if scan is None:
             return {}
-        return {label: scan.data[:, i].copy() for i, label in enumerate(scan.labels)}
+        return scan.columns()
 
     def read_monitor(self, scan_paths: ScanPaths, entry: str, monitor: str) -> np.ndarray | None:
         """Per-frame counts of SPEC column ``monitor`` (e.g. ``flyc1``), or None."""

@@ -1,10 +1,11 @@
 """QM2's SPEC logs of a rotation: what they say (:func:`rotation_logs`) and where they go
 in the scan file (:func:`write_rotation_logs`).
 
-The SPEC file is read with :mod:`silx.io.specfile` through :mod:`.spec`.  A rotation is one
-SPEC scan whose command is ``<macro> phi START END N ...``; the per-frame monitors are the
-``flyc1``/``flyc2`` columns, the sample temperature the ``sampleT`` column, and the
-goniometer angles ``chi = 90 - SPEC chi`` and ``theta = SPEC th``.
+The SPEC file is read with :mod:`silx.io.specfile` through :mod:`nxrefine_bs.specfile`.
+A rotation is one SPEC scan whose command is ``<macro> phi START END N ...``; the
+per-frame monitors are the ``flyc1``/``flyc2`` columns, the sample temperature the
+``sampleT`` column, and the goniometer angles ``chi = 90 - SPEC chi`` and
+``theta = SPEC th``.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import h5py
 import numpy as np
 from numpy.typing import NDArray
 
+from ..errors import SpecFileError
 from ..nexus.h5tools import nx_group, write_field
 from ..nexus.provenance import record_process
+from ..specfile import SpecScan
 from .images import RawRotation
-from .spec import SpecFileError, SpecScan
 
 __all__ = [
     "CHI_MOTOR",
