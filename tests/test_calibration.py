@@ -244,19 +244,19 @@ def _fake_result(det) -> CalibrationResult:
 
 def test_atomic_write_on_failure(tmp_path, monkeypatch):
     """An error in the middle of writing leaves the original file byte-identical."""
-    import nxrefine_bs.nexus.h5tools as h5tools
+    import nxrefine_bs.calibration.nexus_io as nexus_io
 
     template = make_template(tmp_path / "config.nxs")
     before = _digest(template)
     det = get_detector("Pilatus 1M")
-    real = h5tools.write_field
+    real = nexus_io.write_field
 
     def failing_write(group, name, *args, **kwargs):
         if name == "roll" and group.name.startswith("/f2"):  # after f1 was fully written
             raise RuntimeError("disk full")
         return real(group, name, *args, **kwargs)
 
-    monkeypatch.setattr(h5tools, "write_field", failing_write)
+    monkeypatch.setattr(nexus_io, "write_field", failing_write)
     with pytest.raises(RuntimeError, match="disk full"):
         write_calibration(template, _fake_result(det), np.ones(det.shape), "CeO2")
     assert _digest(template) == before

@@ -16,11 +16,14 @@ pixel the 2-theta pyFAI gives it.  Beam centres count pixel ``i`` from its centr
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CalibrationError
+from ..geometry import Geometry
+from ..pyfai_geometry import geometry_from_poni, poni_parameters
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyFAI.calibrant import Calibrant
@@ -44,7 +47,7 @@ def get_detector(detector: str | Detector) -> Detector:
     CalibrationError
         If pyFAI knows no detector of that name.
     """
-    from pyFAI.detectors import Detector, detector_factory
+    from pyFAI.detectors import Detector, detector_factory  # heavy: pyFAI, loaded on first use
 
     if isinstance(detector, Detector):
         return detector
@@ -59,7 +62,7 @@ def get_detector(detector: str | Detector) -> Detector:
 
 def calibrant_names() -> list[str]:
     """Sorted names of the calibrants pyFAI knows."""
-    from pyFAI.calibrant import CALIBRANT_FACTORY
+    from pyFAI.calibrant import CALIBRANT_FACTORY  # heavy: pyFAI, loaded on first use
 
     return sorted(CALIBRANT_FACTORY.keys(), key=str.lower)
 
@@ -80,9 +83,7 @@ def get_calibrant(calibrant: str | Calibrant, wavelength: float | None = None) -
     CalibrationError
         If the calibrant is unknown.
     """
-    import copy
-
-    from pyFAI.calibrant import CALIBRANT_FACTORY, Calibrant
+    from pyFAI.calibrant import CALIBRANT_FACTORY, Calibrant  # heavy: pyFAI, loaded on first use
 
     if isinstance(calibrant, Calibrant):
         cal = copy.copy(calibrant)
@@ -107,8 +108,6 @@ DEFAULT_ORIENTATION = "-y +z -x"
 
 
 def _base_geometry(pixel1: float, pixel2: float, detector_orientation: str) -> Any:
-    from ..geometry import Geometry
-
     if not math.isclose(pixel1, pixel2, rel_tol=1e-6):
         raise CalibrationError(
             f"pixels of {pixel1 * 1e6:g} x {pixel2 * 1e6:g} um are not square; nxrefine-bs "
@@ -152,8 +151,6 @@ def poni_to_nxrefine(
         ``beam_center_y`` (pixels; the centre of pixel ``i`` is ``i``) and ``yaw``,
         ``pitch``, ``roll`` (degrees, :class:`~nxrefine_bs.geometry.Geometry` tilts).
     """
-    from ..pyfai_geometry import geometry_from_poni
-
     g = geometry_from_poni(
         dist, poni1, poni2, rot1, rot2, rot3,
         base=_base_geometry(pixel1, pixel2, detector_orientation),
@@ -197,8 +194,6 @@ def nxrefine_to_poni(
     dict
         ``dist``, ``poni1``, ``poni2`` (m) and ``rot1``, ``rot2``, ``rot3`` (rad).
     """
-    from ..pyfai_geometry import poni_parameters
-
     g = _base_geometry(pixel1, pixel2, detector_orientation).replace(
         distance=distance,
         beam_center_x=beam_center_x,

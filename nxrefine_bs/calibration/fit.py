@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy import optimize
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyFAI.detectors import Detector
@@ -27,7 +28,7 @@ class PixelModel:
     """pyFAI's forward model for the valid pixels of one detector."""
 
     def __init__(self, detector: Detector, valid: NDArray[np.bool_]) -> None:
-        from pyFAI.geometry import Geometry
+        from pyFAI.geometry import Geometry  # heavy: pyFAI, loaded on first use
 
         self.geometry = Geometry(detector=detector)
         rows, cols = np.nonzero(valid)
@@ -87,8 +88,6 @@ def least_squares(
     refine_wavelength: bool,
 ) -> tuple[list[float], float]:
     """Fit dist, poni1, poni2, rot1, rot2 (and the wavelength) to control points."""
-    from scipy.optimize import least_squares as solve
-
     pos = model.positions(points[:, 0], points[:, 1])
     d = dspacing[points[:, 2].astype(np.int64)]
     sw = np.sqrt(weights)
@@ -100,7 +99,7 @@ def least_squares(
 
     x0 = np.array(param[:5] + ([wavelength] if refine_wavelength else []))
     # all parameters are O(1e-2..1) in m, rad and Angstrom: one absolute difference step
-    sol = solve(residual, x0, method="lm", diff_step=1e-7, xtol=1e-12, ftol=1e-12)
+    sol = optimize.least_squares(residual, x0, method="lm", diff_step=1e-7, xtol=1e-12, ftol=1e-12)
     x = sol.x
     return [*map(float, x[:5]), rot3], float(x[5]) if refine_wavelength else wavelength
 

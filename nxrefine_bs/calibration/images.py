@@ -6,10 +6,13 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import fabio
+import h5py
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from ..errors import CalibrationError
+from ..nexus.codecs import ensure_plugins
 from .convert import get_detector
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -21,8 +24,6 @@ _HDF5_SUFFIXES = {".h5", ".hdf5", ".hdf", ".nxs", ".nx5", ".nx"}
 
 
 def _first_image_dataset(h5file: Any) -> str | None:
-    import h5py
-
     found: list[str] = []
 
     def visit(name: str, obj: Any) -> Any:
@@ -64,17 +65,11 @@ def load_image(path: str | os.PathLike[str]) -> NDArray[np.float64]:
     if not p.is_file():
         raise CalibrationError(f"powder image {filename!r} does not exist")
     try:
-        import h5py
-
         is_hdf5 = h5py.is_hdf5(p)
     except OSError:
         is_hdf5 = False
     try:
         if is_hdf5 or p.suffix.lower() in _HDF5_SUFFIXES:
-            import h5py
-
-            from ..nexus.codecs import ensure_plugins
-
             ensure_plugins()  # compressed images (bitshuffle-LZ4, ...)
             with h5py.File(p, "r") as f:
                 name = dataset or _first_image_dataset(f)
@@ -90,8 +85,6 @@ def load_image(path: str | os.PathLike[str]) -> NDArray[np.float64]:
             if data.ndim == 3:
                 data = data.sum(axis=0)
         else:
-            import fabio
-
             with fabio.open(str(p)) as img:
                 data = np.asarray(img.data, dtype=np.float64)
     except CalibrationError:

@@ -16,10 +16,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import h5py
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from ..errors import CalibrationError, MaskError
+from ..nexus.h5tools import write_field
+from .convert import get_detector
+from .images import load_image
+from .nexus_io import atomic_h5_update, resolve_entries
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyFAI.detectors import Detector
@@ -63,8 +68,6 @@ class PixelMask:
     @classmethod
     def for_detector(cls, detector: str | Detector) -> PixelMask:
         """Empty mask of a pyFAI detector's shape, with its module gaps masked."""
-        from .powder import get_detector
-
         det = get_detector(detector)
         return cls(tuple(det.shape)).combine_with_detector_gaps(det)
 
@@ -164,8 +167,6 @@ class PixelMask:
         MaskError
             If the image cannot be read or its shape differs from the mask's.
         """
-        from .powder import load_image
-
         try:
             data = load_image(path)
         except CalibrationError as exc:
@@ -184,8 +185,6 @@ class PixelMask:
 
     def combine_with_detector_gaps(self, detector: str | Detector) -> PixelMask:
         """Also mask the pixels masked by a pyFAI detector definition (module gaps)."""
-        from .powder import get_detector
-
         det = get_detector(detector)
         if det.mask is None:
             return self
@@ -209,8 +208,6 @@ def read_pixel_mask(filename: str | os.PathLike[str], entry: str = "f1") -> Pixe
     MaskError
         If the file or entry does not exist.
     """
-    import h5py
-
     path = os.fspath(filename)
     if not os.path.isfile(path):
         raise MaskError(f"NeXus file {path!r} does not exist")
@@ -253,11 +250,6 @@ def write_pixel_mask(
         If the file or an entry is missing or the mask shape differs from an entry's
         ``detector/shape``.  The file is left untouched on any error.
     """
-    import h5py
-
-    from ..nexus.h5tools import write_field
-    from .powder import atomic_h5_update, resolve_entries
-
     arr = np.asarray(mask.array if isinstance(mask, PixelMask) else mask)
     if arr.ndim != 2:
         raise MaskError(f"pixel mask must be 2-D, got shape {arr.shape}")
@@ -296,6 +288,7 @@ def save_mask_preview(
 
     Uses matplotlib's Agg canvas directly (no pyplot, no global backend change).
     """
+    # heavy: matplotlib, only for the preview
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure

@@ -6,13 +6,16 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from importlib import metadata
 from typing import Any
 
+import h5py
 import numpy as np
 from numpy.typing import ArrayLike
 
 from ..errors import CalibrationError
 from ..nexus.entries import rotation_entries
+from ..nexus.h5tools import nx_group, write_field
 from ..nexus.safewrite import atomic_update
 from .result import CalibrationResult
 
@@ -46,8 +49,6 @@ def resolve_entries(
     CalibrationError
         If the file cannot be read or an entry is missing.
     """
-    import h5py
-
     path = os.fspath(filename)
     if not os.path.isfile(path):
         raise CalibrationError(f"NeXus file {path!r} does not exist")
@@ -137,11 +138,6 @@ def write_calibration(
     CalibrationError
         If the file or an entry is missing, or the image shape does not match.
     """
-    import h5py
-    import pyFAI
-
-    from ..nexus.h5tools import nx_group, write_field
-
     path = os.fspath(filename)
     img = np.asarray(image)
     if img.ndim != 2 or (result.shape and tuple(img.shape) != tuple(result.shape)):
@@ -187,7 +183,7 @@ def write_calibration(
             write_field(calg, "calibrant", str(cal_name))
             proc = nx_group(calg, "refinement", "NXprocess")
             write_field(proc, "program", "pyFAI")
-            write_field(proc, "version", str(pyFAI.version))
+            write_field(proc, "version", metadata.version("pyFAI"))
             write_field(proc, "sequence_index", 1)
             write_field(
                 proc,

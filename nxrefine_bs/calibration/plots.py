@@ -53,6 +53,7 @@ def save_plots(
     dict
         ``{"cake": path, "rings": path}``.
     """
+    # heavy: matplotlib and pyFAI, only for the plots
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from pyFAI import units

@@ -20,7 +20,7 @@ def read_poni(path: str | os.PathLike[str]) -> CalibrationResult:
     CalibrationError
         If the file is missing or is not a valid PONI file.
     """
-    from pyFAI.io.ponifile import PoniFile
+    from pyFAI.io.ponifile import PoniFile  # heavy: pyFAI, loaded on first use
 
     p = Path(path)
     if not p.is_file():
@@ -54,7 +54,7 @@ def read_poni(path: str | os.PathLike[str]) -> CalibrationResult:
 
 def write_poni(result: CalibrationResult, path: str | os.PathLike[str]) -> Path:
     """Write ``result`` as a pyFAI ``.poni`` file (replacing any existing file)."""
-    from pyFAI.io.ponifile import PoniFile
+    from pyFAI.io.ponifile import PoniFile  # heavy: pyFAI, loaded on first use
 
     p = Path(path)
     ai = result.integrator()

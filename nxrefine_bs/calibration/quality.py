@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy import ndimage
 
 __all__ = ["judge", "unexplained_rings"]
 
@@ -91,7 +92,7 @@ def unexplained_rings(
         ``(2-theta in degrees, height relative to the highest explained peak)`` of every
         unexplained peak, highest first.  Empty when no explained peak is found.
     """
-    from scipy import ndimage, signal
+    from scipy import signal  # heavy: scipy.signal (~1 s), loaded on first use
 
     if tth.size == 0 or not bin_width > 0:
         return []

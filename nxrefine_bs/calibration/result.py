@@ -157,13 +157,14 @@ class CalibrationResult:
         try:
             return get_detector(self.detector)
         except CalibrationError:
-            from pyFAI.detectors import Detector
+            from pyFAI.detectors import Detector  # heavy: pyFAI, loaded on first use
 
             det = Detector(pixel1=self.pixel1, pixel2=self.pixel2, max_shape=self.shape)
             return det
 
     def integrator(self) -> AzimuthalIntegrator:
         """A pyFAI azimuthal integrator with this geometry."""
+        # heavy: pyFAI, loaded on first use
         from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 
         return AzimuthalIntegrator(

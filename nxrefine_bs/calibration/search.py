@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy import ndimage
 
 __all__ = ["StartGeometry", "find_centres", "find_distances", "find_starts", "radial_profile"]
 
@@ -83,8 +84,6 @@ def _ring_pixels(
 
     Returns their (row, column) in binned pixels and a weight (the SNR, capped at 20).
     """
-    from scipy import ndimage
-
     total = _bin(np.where(valid, image, 0.0), b)
     count = _bin(valid, b)
     ok = count > 0.5 * b * b
@@ -168,8 +167,6 @@ def find_centres(
         Centres in pixels (centre of pixel ``i`` at ``i``), best first, with their
         concentration score (0 to 1).
     """
-    from scipy import ndimage
-
     b = max(1, math.ceil(max(image.shape) / max_binned))
     rows, cols, weight = _ring_pixels(image, valid, b, min_snr)
     if rows.size < 20:
@@ -247,7 +244,7 @@ def _profile_peaks(
 
     The width is the median FWHM (pixels) of the five highest peaks.
     """
-    from scipy import ndimage, signal
+    from scipy import signal  # heavy: scipy.signal (~1 s), loaded on first use
 
     step = float(radius[1] - radius[0]) if radius.size > 1 else 1.0
     ok = count >= 20

@@ -18,6 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..errors import CalibrationError
+from .convert import get_calibrant, get_detector
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyFAI.detectors import Detector
@@ -83,9 +84,7 @@ def simulate_powder_image(
     CalibrationError
         If the detector or calibrant is unknown, or the wavelength does not look like Angstrom.
     """
-    from pyFAI.integrator.azimuthal import AzimuthalIntegrator
-
-    from .convert import get_calibrant, get_detector
+    from pyFAI.integrator.azimuthal import AzimuthalIntegrator  # heavy: pyFAI, loaded on first use
 
     if not 1e-3 < wavelength < 100:
         raise CalibrationError(
@@ -130,7 +129,7 @@ def _fake_image(
     :meth:`~pyFAI.integrator.azimuthal.AzimuthalIntegrator.calcfrom1d` with the solid-angle
     factor) are made with at least 20 points per FWHM.
     """
-    from pyFAI import units
+    from pyFAI import units  # heavy: pyFAI, loaded on first use
 
     tth = ai.array_from_unit(shape=shape, typ="center", unit=units.TTH_DEG, scale=True)
     tmin, tmax = float(tth.min()), float(tth.max())

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -113,10 +114,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     nominal = _nominal_from_file(args.target, entries)
     start = None
     if args.poni_in:
-        from dataclasses import replace as _replace
-
         orientation = str(nominal.get("detector_orientation") or "-y +z -x")
-        start = _replace(read_poni(args.poni_in), detector_orientation=orientation)
+        start = replace(read_poni(args.poni_in), detector_orientation=orientation)
         nominal.update(
             detector=start.pyfai_detector_instance(),
             distance=start.distance,
@@ -157,8 +156,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.no_refine:
         if start is None:
             raise CalibrationError("--no-refine needs --poni-in (the geometry to store)")
-        from dataclasses import replace
-
         get_calibrant(args.calibrant)  # validate the name
         result = replace(start, calibrant=args.calibrant)
     else:
