@@ -17,7 +17,10 @@ NeXus scan-file writer subscribed.  For each rate:
 
 Correctness in the same run: the scan file links all N frames, equal to the IOC's file.
 
-    python benchmarks/bench_epics.py [--rates 10,100] [--seconds 3] [--json out.json]
+    python benchmarks/bench_epics.py [--rates 10,100] [--seconds 3] [--api ophyd] [--json out.json]
+
+``--api ophyd`` flies the same rotations with the ophyd v1 devices behind the thin
+adapter of :mod:`nxrefine_bs.devices.epics_v1` instead of ophyd-async's.
 """
 
 from __future__ import annotations
@@ -106,6 +109,7 @@ def main() -> int:
     p.add_argument("--rates", default="10,100", help="frame rates (Hz)")
     p.add_argument("--seconds", type=float, default=3.0, help="acquisition time per rotation")
     p.add_argument("--shape", default="96,128", help="detector shape NY,NX")
+    p.add_argument("--api", default="ophyd-async", choices=("ophyd-async", "ophyd"))
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
@@ -131,8 +135,9 @@ def main() -> int:
             exp = Experiment.create(Path(tmp) / "analysis", "exp", beamline="sim").directory
             model = detector_model("small", shape)
             devices = make_epics_beamline(
-                exp, prefix=prefix, geometry=default_geometry(model), detector_model=model
-            )
+                exp, prefix=prefix, geometry=default_geometry(model), detector_model=model,
+                api=args.api,
+            )  # fmt: skip
             RE = BeamlineRunEngine({})
             call_in_bluesky_event_loop(connect_epics_beamline(devices, timeout=10))
             writer = NeXusScanWriter()
@@ -177,6 +182,7 @@ def main() -> int:
                 yardstick = n * frame_time
                 window = docs["stop"] - docs["start"]
                 row = {
+                    "api": args.api,
                     "rate_hz": rate,
                     "frames": n,
                     "yardstick_s": yardstick,

@@ -302,3 +302,166 @@ def test_profile_epics_without_ioc_names_the_pvs(experiment, ioc, tmp_path):
     out = proc.stdout + proc.stderr
     assert not any(line.startswith("READY ") for line in proc.stdout.splitlines())
     assert "DeviceConnectionError" in out and "DOWN:GON:PHI." in out, out[-3000:]
+
+
+# ---------------------------------------------------------------------- ophyd v1, step scans
+V1_PHI = {"phi_start": 0.0, "phi_end": 8.0, "phi_step": 1.0}  # 8 frames
+
+
+def v1_beamline(exp: Path, prefix: str):
+    model = detector_model("small", SHAPE)
+    return make_epics_beamline(
+        exp, prefix=prefix, geometry=default_geometry(model), detector_model=model, api="ophyd"
+    )
+
+
+def _destroy_v1(devices) -> None:
+    """Drop the v1 devices' CA channels (ophyd keeps searching for unanswered PVs)."""
+    for device in devices.all_devices():
+        getattr(device, "device", device).destroy()
+
+
+def _text(dataset) -> str:
+    value = dataset[()]
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def check_scan_file(exp: Path, scan: str, n: int) -> None:
+    """The IOC wrote ``f1.h5``; the scan file links it relatively and reports success."""
+    sample_dir = exp / NAMES["sample"] / NAMES["label"]
+    raw = sample_dir / scan / "f1.h5"
+    with h5py.File(raw, "r") as f:  # written by the IOC
+        assert f["/entry/data/data"].shape == (n, *SHAPE)
+        assert np.all(f["/entry/instrument/NDAttributes/MCS1"][()] > 1000)
+    with h5py.File(sample_dir / f"{NAMES['sample']}_{scan}.nxs", "r") as f:
+        link = f["f1/data"].get("data", getlink=True)
+        assert isinstance(link, h5py.ExternalLink)
+        assert link.filename == f"{scan}/f1.h5"  # relative to the scan file
+        assert f["f1/data/data"].shape == (n, *SHAPE)
+        acq = f["f1/acquisition"]
+        assert _text(acq["status"]) == "success", _text(acq["reason"]) if "reason" in acq else ""
+        assert int(acq["num_frames"][()]) == n
+        assert np.all(f["f1/monitor/MCS1"][()] > 1000) and f["f1/monitor/MCS1"].shape == (n,)
+        phi = f["f1/instrument/goniometer/phi"][()]
+        assert phi.shape == (n,)
+
+
+def test_v1_adapter_flies_a_rotation_over_channel_access(RE, experiment, ca):
+    """ophyd v1 devices (EpicsMotor, a stock v1 areaDetector + HDF5 plugin, EpicsSignals)
+    behind the thin adapter fly a rotation against the IOC."""
+    from bluesky.run_engine import call_in_bluesky_event_loop
+
+    from nxrefine_bs.devices.epics_v1 import AreaDetectorV1Adapter, FlyingEpicsMotor
+    from nxrefine_bs.devices.protocols import RotationDetector
+    from nxrefine_bs.plans import rotation_scan
+
+    exp = experiment.directory
+    devices = v1_beamline(exp, ca)
+    try:
+        call_in_bluesky_event_loop(connect_epics_beamline(devices, timeout=10.0))
+        assert isinstance(devices.detector, AreaDetectorV1Adapter)
+        assert isinstance(devices.goniometer.phi, FlyingEpicsMotor)
+        assert isinstance(devices.detector, FlyingDetector)
+        assert isinstance(devices.detector, RotationDetector)
+        assert isinstance(devices.goniometer.phi, FlyingAxis)
+        assert isinstance(devices.temperature, TemperatureController)
+        writer = NeXusScanWriter()
+        RE.subscribe(writer)
+        velocity = devices.goniometer.phi.velocity.get()
+        (uid,) = RE(
+            rotation_scan(
+                devices, experiment_dir=exp, **NAMES, scan="fly", frame_time=FRAME_TIME, **V1_PHI
+            )
+        )
+        assert writer.wait_run(uid, timeout=60) == "success"
+        check_scan_file(exp, "fly", 8)
+        with h5py.File(exp / NAMES["sample"] / NAMES["label"] / "fly" / "f1.h5", "r") as f:
+            phi = f["/entry/instrument/NDAttributes/phi"][()]
+        # phi flew at one step per frame while it cruised (up to the end of the range the
+        # plan asked for; the software trigger lags the motor a little, so the last frames
+        # may fall into the ramp-down); kickoff waited until phi was at speed at the start
+        cruising = phi[1:] <= V1_PHI["phi_end"] - 0.5 * V1_PHI["phi_step"]
+        assert cruising.sum() >= 4, phi
+        np.testing.assert_allclose(np.diff(phi)[cruising], 1.0, atol=0.05)
+        assert -0.01 <= phi[0] < 3 * V1_PHI["phi_step"], phi
+        assert devices.goniometer.phi.velocity.get() == pytest.approx(velocity)  # restored
+        # the v1 temperature controller: set() finishes once T is within TOL of the set point
+        import bluesky.plan_stubs as bps
+
+        RE(bps.mv(devices.temperature, 297.0))
+        tolerance = devices.temperature.tolerance.get()
+        assert abs(devices.temperature.readback.get() - 297.0) <= tolerance
+        assert devices.temperature.setpoint.get() == pytest.approx(297.0)
+    finally:
+        _destroy_v1(devices)
+
+
+@pytest.mark.parametrize("api", ["ophyd", "ophyd-async"])
+def test_step_rotation_over_channel_access(RE, experiment, ca, api):
+    """step_rotation_scan moves phi, triggers and reads frame by frame over CA."""
+    from bluesky.run_engine import call_in_bluesky_event_loop
+
+    from nxrefine_bs.plans import step_rotation_scan
+
+    exp = experiment.directory
+    model = detector_model("small", SHAPE)
+    devices = make_epics_beamline(
+        exp, prefix=ca, geometry=default_geometry(model), detector_model=model, api=api
+    )
+    try:
+        call_in_bluesky_event_loop(connect_epics_beamline(devices, timeout=10.0))
+        writer = NeXusScanWriter()
+        RE.subscribe(writer)
+        docs: list[tuple[str, dict]] = []
+        RE.subscribe(lambda name, doc: docs.append((name, doc)))
+        phi = {"phi_start": 2.0, "phi_end": 6.0, "phi_step": 1.0}  # 4 frames
+        (uid,) = RE(
+            step_rotation_scan(
+                devices, experiment_dir=exp, **NAMES, scan="step", frame_time=FRAME_TIME, **phi
+            )
+        )
+        assert writer.wait_run(uid, timeout=60) == "success"
+        check_scan_file(exp, "step", 4)
+        primary = {d["uid"] for n, d in docs if n == "descriptor" and d["name"] == "primary"}
+        events = [d for n, d in docs if n == "event" and d["descriptor"] in primary]
+        assert len(events) == 4
+        key = next(k for k in events[0]["data"] if k.endswith("phi") and k != "phi")
+        np.testing.assert_allclose([e["data"][key] for e in events], [2, 3, 4, 5], atol=1e-3)
+        with h5py.File(exp / NAMES["sample"] / NAMES["label"] / "step" / "f1.h5", "r") as f:
+            # each frame was exposed with phi at rest at its step
+            np.testing.assert_allclose(
+                f["/entry/instrument/NDAttributes/phi"][()], [2, 3, 4, 5], atol=1e-3
+            )
+    finally:
+        if api == "ophyd":
+            _destroy_v1(devices)
+
+
+def test_v1_down_ioc_is_a_clean_error_naming_the_pvs(RE, experiment, ca):
+    from bluesky.run_engine import call_in_bluesky_event_loop
+
+    devices = v1_beamline(experiment.directory, "NOSUCHV1:")
+    try:
+        with pytest.raises(DeviceConnectionError) as info:
+            call_in_bluesky_event_loop(connect_epics_beamline(devices, timeout=0.5))
+        message = str(info.value)
+        for pv in ("NOSUCHV1:phi.VAL", "NOSUCHV1:TC:SP", "NOSUCHV1:DET:cam1:Acquire"):
+            assert pv in message, message
+        assert "ophyd v1" in message and "IOC running" in message
+        # a plan started with devices that never connected fails the same way, before
+        # anything moves or any run opens
+        from nxrefine_bs.plans import step_rotation_scan
+
+        devices.connect_timeout = 0.5
+        docs: list[str] = []
+        RE.subscribe(lambda name, doc: docs.append(name))
+        with pytest.raises(DeviceConnectionError, match=r"NOSUCHV1:phi\.VAL"):
+            RE(
+                step_rotation_scan(
+                    devices, experiment_dir=experiment.directory, **NAMES, scan="down",
+                    frame_time=FRAME_TIME, **V1_PHI,
+                )
+            )  # fmt: skip
+        assert docs == []
+    finally:
+        _destroy_v1(devices)

@@ -10,6 +10,10 @@ the plans drive through :mod:`nxrefine_bs.devices.protocols`:
 * :class:`EpicsTemperatureController`: set point ``SP``, readback ``T``, tolerance ``TOL``;
 * :class:`EpicsMonitor`: ``<prefix>Counts``.
 
+With ``api="ophyd"`` the same beamline is built from ophyd v1 devices through the thin
+adapter of :mod:`nxrefine_bs.devices.epics_v1` (``EpicsMotor``, a stock v1
+areaDetector with an HDF5 plugin, ``EpicsSignal`` temperature and monitors).
+
 Connecting raises :class:`~nxrefine_bs.errors.DeviceConnectionError` naming the PVs
 that did not connect and the prefix to check.
 """
@@ -111,6 +115,9 @@ class EpicsBeamlineDevices:
     detector_model: DetectorModel
     detector_stage: Any | None = None
     prefixes: dict[str, str] = field(default_factory=dict)
+    api: str = "ophyd-async"
+    connect_timeout: float = 10.0
+    """Seconds the plans wait for unconnected ophyd v1 PVs before failing."""
 
     @property
     def baseline(self) -> list[Any]:
@@ -195,8 +202,9 @@ def make_epics_beamline(
     detector_class: str = "sim",
     monitors: tuple[str, ...] = ("MCS1", "MCS2"),
     detector_name: str = "detector",
+    api: str = "ophyd-async",
 ) -> EpicsBeamlineDevices:
-    """ophyd-async EPICS devices of a beamline (not connected yet).
+    """EPICS devices of a beamline, ophyd-async or ophyd v1 (not connected yet).
 
     Parameters
     ----------
@@ -213,11 +221,44 @@ def make_epics_beamline(
         ``"sim"`` (ADSimDetector) or ``"pilatus"`` (ADPilatus).
     monitors : tuple of str
         Monitor channels (each needs a prefix).
-    """
-    from ophyd_async.epics.adcore import ADWriterFactory
+    api : {"ophyd-async", "ophyd"}
+        Device library.  ``"ophyd"``: ophyd v1 ``EpicsMotor`` axes (phi flies through
+        :class:`~nxrefine_bs.devices.epics_v1.FlyingEpicsMotor`), a stock v1
+        areaDetector with an HDF5 plugin behind
+        :class:`~nxrefine_bs.devices.epics_v1.AreaDetectorV1Adapter`, and v1 signals
+        for the temperature and the monitors; fly and step rotations both work.
 
+    Raises
+    ------
+    NXRefineBSError
+        For an unknown ``api``, detector class or device prefix.
+    """
+    from .beamline import DEVICE_APIS
+
+    if api not in DEVICE_APIS:
+        raise NXRefineBSError(f"api must be one of {', '.join(DEVICE_APIS)}, got {api!r}")
     full = resolve_prefixes(prefix, prefixes)
     provider = RotationPathProvider(directory, "f1")
+    if api == "ophyd":
+        from .epics_v1 import make_v1_devices
+
+        v1 = make_v1_devices(
+            full,
+            provider,
+            detector_class=detector_class,
+            monitors=monitors,
+            detector_name=detector_name,
+        )
+        return EpicsBeamlineDevices(
+            **v1,
+            path_provider=provider,
+            geometry=geometry,
+            detector_model=detector_model,
+            prefixes=full,
+            api=api,
+        )
+    from ophyd_async.epics.adcore import ADWriterFactory
+
     writer = ADWriterFactory.hdf(provider)
     det: StandardDetector
     if detector_class == "sim":
@@ -245,6 +286,9 @@ def make_epics_beamline(
 async def connect_epics_beamline(devices: EpicsBeamlineDevices, timeout: float = 5.0) -> None:
     """Connect every device; a failure names the PVs that did not connect.
 
+    ophyd v1 devices (``api="ophyd"``) are waited for on a worker thread
+    (:func:`~nxrefine_bs.devices.epics_v1.connect_v1_devices`).
+
     Raises
     ------
     DeviceConnectionError
@@ -252,6 +296,11 @@ async def connect_epics_beamline(devices: EpicsBeamlineDevices, timeout: float =
     """
     from ..errors import DeviceConnectionError
 
+    if devices.api == "ophyd":
+        from .epics_v1 import connect_v1_devices
+
+        await asyncio.to_thread(connect_v1_devices, devices.all_devices(), timeout)
+        return
     results = await asyncio.gather(
         *(d.connect(timeout=timeout) for d in devices.all_devices()), return_exceptions=True
     )

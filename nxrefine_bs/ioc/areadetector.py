@@ -158,6 +158,7 @@ class AreaDetectorSim:
         hdf = pvs.sub("HDF1:")
         self.hdf = hdf
         self._ndarray_base(hdf, "HDF1", ny, nx, plugin=True)
+        hdf._add("PluginType_RBV", _string40("NDFileHDF5"))  # ophyd v1 plugins check it
         self.file_path, self.file_path_rbv = hdf.rw("string", "FilePath", "")
         self.file_name, _ = hdf.rw("string", "FileName", "")
         self.file_template, _ = hdf.rw("string", "FileTemplate", "%s%s.h5")
@@ -172,7 +173,7 @@ class AreaDetectorSim:
         self.capture_rbv = hdf.boolean("Capture_RBV", False, ("Done", "Capture"))
         hdf.integer("ArraySize0", nx)
         hdf.integer("ArraySize1", ny)
-        self.create_directory = hdf.integer("CreateDirectory", 0)
+        self.create_directory, _ = hdf.rw("integer", "CreateDirectory", 0)
         hdf.rw("string", "NDArrayPort", "SIMDET")
         hdf.rw("enum", "EnableCallbacks", ("Disable", "Enable"))
         hdf.rw("integer", "NDArrayAddress", 0)
@@ -202,7 +203,10 @@ class AreaDetectorSim:
         for k, size in enumerate((nx, ny, 0)):
             pvs.integer(f"ArraySize{k}_RBV", size)
         pvs.enum("ColorMode_RBV", COLOR_MODES)
-        pvs.enum("DataType_RBV", DATA_TYPES, "Int32")
+        if plugin:
+            pvs.enum("DataType_RBV", DATA_TYPES, "Int32")
+        else:  # the driver's is settable (ophyd v1 connects both)
+            pvs.rw("enum", "DataType", DATA_TYPES, "Int32")
         counter, counter_rbv = pvs.rw("integer", "ArrayCounter", 0)
         if not plugin:
             self.array_counter = counter_rbv
@@ -367,3 +371,10 @@ class AreaDetectorSim:
         if self._file is not None:
             self._file.close()
         self._executor.shutdown(wait=True)
+
+
+def _string40(value: str) -> Any:
+    """A ``DBR_STRING`` PV value (40 characters), as stringin records serve."""
+    from caproto import ChannelString
+
+    return ChannelString(value=value)

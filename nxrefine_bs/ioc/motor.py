@@ -111,7 +111,8 @@ class MotionProfile:
 
 
 class MotorRecord:
-    """The motor-record fields ophyd-async's ``epics.motor.Motor`` connects to.
+    """The motor-record fields ophyd-async's ``epics.motor.Motor`` and ophyd v1's
+    ``EpicsMotor`` connect to (homing and direction fields are inert).
 
     Parameters
     ----------
@@ -165,6 +166,10 @@ class MotorRecord:
             pvs.double(suffix, value)
             pvs.double(".D" + suffix[1:], value)
         pvs.enum(".FOFF", ("Variable", "Frozen"))
+        pvs.enum(".DIR", ("Pos", "Neg"))  # also read by ophyd v1's EpicsMotor
+        pvs.integer(".TDIR", 1)
+        pvs.integer(".HOMF", 0)
+        pvs.integer(".HOMR", 0)
         pvs.enum(".SET", ("Use", "Set"))
         pvs.integer(".HLS", 0)
         pvs.integer(".LLS", 0)

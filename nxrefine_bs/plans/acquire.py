@@ -10,6 +10,7 @@ phi flies with an ophyd-async ``FlyMotorInfo``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -33,10 +34,31 @@ __all__ = ["connect_devices", "one_rotation", "resolve_frame_time", "run_rotatio
 
 # ---------------------------------------------------------------------- plan pieces
 def connect_devices(devices: Any) -> MsgGenerator[None]:
-    """Connect the ophyd-async devices of ``devices`` (a no-op for connected ones)."""
-    async_devices = [d for d in _all_devices(devices) if isinstance(d, AsyncDevice)]
+    """Connect the ophyd-async devices of ``devices`` and wait for the PVs of ophyd v1
+    EPICS devices (a no-op for connected ones).
+
+    Raises
+    ------
+    DeviceConnectionError
+        Naming the v1 PVs that did not connect within ``devices.connect_timeout`` s
+        (default 10).
+    """
+    from ..devices.epics_v1 import all_connected, channel_access_devices, connect_v1_devices
+
+    timeout = float(getattr(devices, "connect_timeout", 10.0))
+    every = _all_devices(devices)
+    async_devices = [d for d in every if isinstance(d, AsyncDevice)]
     if async_devices:
         yield from ensure_connected(*async_devices)
+    v1 = channel_access_devices([d for d in every if not isinstance(d, AsyncDevice)])
+    if v1 and not all_connected(v1):
+        # on a worker thread: the RunEngine's loop keeps running while the PVs connect
+        futures = yield from bps.wait_for(
+            [lambda: asyncio.to_thread(connect_v1_devices, v1, timeout)]
+        )
+        error = futures[0].exception()
+        if error is not None:
+            raise error
 
 
 def _all_devices(devices: Any) -> list[Any]:

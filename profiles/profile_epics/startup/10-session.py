@@ -13,6 +13,9 @@ NXREFINE_BS_REDUCE, NXREFINE_BS_TILED, NXREFINE_BS_PROGRESS
     As in ``profile_sim``.
 NXREFINE_BS_CONNECT_TIMEOUT
     Seconds to wait for the PVs (default 5).
+NXREFINE_BS_DEVICE_API
+    ``ophyd-async`` (default) or ``ophyd``: ophyd v1 devices (``EpicsMotor``, a stock v1
+    areaDetector with an HDF5 plugin) through :mod:`nxrefine_bs.devices.epics_v1`.
 """
 
 import atexit
@@ -54,6 +57,7 @@ bl = make_epics_beamline(
     geometry=GEOMETRY,  # noqa: F821
     detector_model=DETECTOR_MODEL,  # noqa: F821
     detector_class=DETECTOR_DRIVER,  # noqa: F821
+    api=os.environ.get("NXREFINE_BS_DEVICE_API", "").strip() or "ophyd-async",
 )
 call_in_bluesky_event_loop(
     connect_epics_beamline(bl, timeout=float(os.environ.get("NXREFINE_BS_CONNECT_TIMEOUT", "5")))

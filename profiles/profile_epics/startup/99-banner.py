@@ -6,7 +6,7 @@ print(
     "\n".join(
         [
             "",
-            "nxrefine-bs EPICS beamline (ophyd-async over Channel Access)",
+            f"nxrefine-bs EPICS beamline ({bl.api} over Channel Access)",  # noqa: F821
             f"  experiment: {EXPERIMENT_DIR}",  # noqa: F821  (00-base.py)
             "  PVs: " + ", ".join(f"{k}={v}" for k, v in sorted(bl.prefixes.items())),  # noqa: F821
             f"  detector: {DETECTOR_DRIVER} driver, {DETECTOR_MODEL.name}",  # noqa: F821
