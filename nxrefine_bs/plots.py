@@ -76,7 +76,7 @@ def plot_slice(
     pathlib.Path
         The PNG written.
     """
-    import matplotlib
+    import matplotlib  # heavy: matplotlib, only when a picture is drawn
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt

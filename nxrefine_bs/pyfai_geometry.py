@@ -126,6 +126,8 @@ def integrator(geometry: Geometry, mask: ArrayLike | None = None) -> AzimuthalIn
     -------
     pyFAI.integrator.azimuthal.AzimuthalIntegrator
     """
+    # heavy: pyFAI (~1 s), imported only when an integrator is built; the rest of this
+    # module is numpy (nexus.geometry_io uses poni_parameters without pyFAI)
     from pyFAI.detectors import Detector
     from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 
@@ -179,7 +181,7 @@ def geometry_from_poni(
     GeometryError
         If the PONI puts the detector behind the sample or parallel to the beam.
     """
-    from pyFAI.geometry import Geometry as PyFAIGeometry
+    from pyFAI.geometry import Geometry as PyFAIGeometry  # heavy: pyFAI, see integrator()
 
     m = PyFAIGeometry(dist=dist, poni1=poni1, poni2=poni2, rot1=rot1, rot2=rot2, rot3=rot3)
     m = np.asarray(m.rotation_matrix(), dtype=float)

@@ -10,6 +10,7 @@ xs, ys, zs}`` and ``sample/unitcell_{a,b,c,alpha,beta,gamma}``.
 from __future__ import annotations
 
 import logging
+from importlib import metadata
 from typing import Any
 
 import h5py
@@ -17,6 +18,7 @@ import numpy as np
 
 from ..errors import ScanFileError
 from ..geometry import HC_KEV_ANGSTROM, Geometry, b_matrix
+from ..pyfai_geometry import poni_parameters
 from .h5tools import nx_group, read_field, write_field
 
 logger = logging.getLogger(__name__)
@@ -171,8 +173,6 @@ def write_pyfai_parameters(
     bool
         True if the parameters were written.
     """
-    from ..pyfai_geometry import poni_parameters
-
     inst = nx_group(entry, "instrument", "NXinstrument")
     cal = inst.get("calibration")
     if isinstance(cal, h5py.Group) and "refinement" in cal:
@@ -183,12 +183,7 @@ def write_pyfai_parameters(
     poni = poni_parameters(geometry)
     proc = nx_group(cal, "refinement", "NXprocess")
     write_field(proc, "program", "pyFAI")
-    try:
-        import pyFAI
-
-        write_field(proc, "version", str(pyFAI.version))
-    except ImportError:  # pragma: no cover - pyFAI is a dependency
-        pass
+    write_field(proc, "version", metadata.version("pyFAI"))  # no need to import pyFAI
     write_field(proc, "note", "from the known geometry (no powder calibration)")
     pars = nx_group(proc, "parameters", "NXparameters")
     values = {

@@ -127,7 +127,7 @@ def read_monitor(
     (:func:`smoothing_window`).  Returns None if there is no usable monitor (missing,
     wrong length, not finite, or not positive after smoothing).
     """
-    from scipy.signal import savgol_filter
+    from scipy.signal import savgol_filter  # heavy: scipy.signal (~1 s), only to smooth
 
     found = find_monitor(entry, name, nframes)
     if found is None or nframes < 3:

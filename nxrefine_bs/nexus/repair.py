@@ -27,8 +27,10 @@ import h5py
 import numpy as np
 
 from ..errors import ScanFileError
+from ..experiment import ScanPaths
 from .h5tools import nx_group, write_external_link, write_field
 from .safewrite import remove_stale_temporaries
+from .scanfile import rotation_entries, update_scan_file
 
 logger = logging.getLogger(__name__)
 
@@ -161,8 +163,6 @@ def repair_scan_file(scan_file: str | os.PathLike[str]) -> RepairReport:
     ScanFileError
         If the scan file itself cannot be read.
     """
-    from .scanfile import rotation_entries, update_scan_file
-
     scan_file = Path(scan_file)
     report = RepairReport(scan_file)
     links: dict[str, tuple[Path, str]] = {}
@@ -181,8 +181,6 @@ def repair_scan_file(scan_file: str | os.PathLike[str]) -> RepairReport:
     candidates = {path for path, _ in links.values()}
     scan_dir: Path | None = None
     with contextlib.suppress(Exception):  # the scan directory, linked or not yet linked
-        from ..experiment import ScanPaths
-
         scan_dir = ScanPaths.from_scan_file(scan_file).scan_dir
         candidates.update(scan_dir.glob("*.h5"))
     for entry in running:  # the writer died before it linked the detector file

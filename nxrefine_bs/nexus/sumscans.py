@@ -46,7 +46,7 @@ from .. import __version__
 from ..errors import FileExistsNXError, ScanFileError
 from ..experiment import ScanPaths, validate_name
 from .codecs import ensure_plugins
-from .h5tools import nx_group, read_field, write_field
+from .h5tools import nx_group, read_field, write_external_link, write_field
 from .provenance import record_process
 from .scanfile import check_data_link, locked, open_scan_file, rotation_entries
 from .template import DATA_PATH
@@ -304,8 +304,6 @@ def _write_scan_file(
     paths: ScanPaths,
     data_dir: Path,
 ) -> None:
-    from .h5tools import write_external_link
-
     names = [os.path.relpath(p, paths.label_dir) for p in scan_files]
     with h5py.File(scan_files[0], "r") as src, h5py.File(tmp, "x") as f:
         f.attrs["NX_class"] = "NXroot"

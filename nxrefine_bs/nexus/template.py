@@ -130,7 +130,7 @@ class ConfigurationInfo:
 
 def _known_detector_names() -> dict[str, str]:
     """Map of pyFAI registry keys and aliases (lower case) to a display name."""
-    from pyFAI.detectors import ALL_DETECTORS
+    from pyFAI.detectors import ALL_DETECTORS  # heavy: pyFAI, only to look a detector up
 
     names: dict[str, str] = {}
     for key, cls in ALL_DETECTORS.items():
@@ -157,7 +157,7 @@ def detector_info(name: str) -> DetectorInfo:
     >>> info.shape, round(info.pixel_size, 3)
     ((195, 487), 0.172)
     """
-    from pyFAI.detectors import ALL_DETECTORS, detector_factory
+    from pyFAI.detectors import ALL_DETECTORS, detector_factory  # heavy: pyFAI
 
     text = str(name).strip()
     if not text or os.sep in text or text.endswith((".h5", ".nxs", ".json")):

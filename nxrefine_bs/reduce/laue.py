@@ -32,6 +32,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..errors import ReductionError
+from ..geometry import b_matrix
 from .grid import QGrid
 
 logger = logging.getLogger(__name__)
@@ -169,8 +170,6 @@ def check_cell(group: LaueGroup, cell: tuple[float, ...] | list[float], *, what:
     A Laue group given explicitly must be a symmetry of the lattice: e.g. ``4/mmm``
     needs ``a = b`` and right angles, ``6/mmm`` needs ``a = b`` and ``gamma = 120``.
     """
-    from ..geometry import b_matrix
-
     b = b_matrix(*cell)
     metric = b.T @ b
     scale = np.abs(metric).max()

@@ -50,6 +50,7 @@ import h5py
 import numba
 import numpy as np
 from numpy.typing import NDArray
+from scipy import ndimage
 from tqdm import tqdm
 
 from ..errors import FileExistsNXError, PathSafetyError, ReductionError
@@ -294,8 +295,6 @@ def frame_difference_mask_reference(
     Kept as the reference the fast kernel is tested and benchmarked against (16.6
     Pilatus-2M frame pairs/s on one core).
     """
-    from scipy import ndimage
-
     d = frame1.astype(np.float32) - frame0.astype(np.float32)
     d[bad | ~np.isfinite(d) | (frame0 < 0) | (frame1 < 0)] = 0.0
     m1 = np.abs(ndimage.uniform_filter(d, size=h1, mode="nearest")) >= t1

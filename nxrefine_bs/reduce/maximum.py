@@ -45,6 +45,7 @@ import h5py
 import numba
 import numpy as np
 from numpy.typing import NDArray
+from scipy.ndimage import median_filter
 from tqdm import tqdm
 
 from ..errors import ReductionError
@@ -54,6 +55,7 @@ from ..nexus.monitors import read_monitor as _read_monitor
 from ..nexus.nxreduce import store_parameters
 from ..nexus.provenance import now_iso, record_process
 from ..nexus.scanfile import open_scan_file, update_scan_file
+from ..pyfai_geometry import integrator
 from .framestream import (
     FrameStream,
     frame_window,
@@ -385,8 +387,6 @@ def radial_sum(
     and polarization corrected intensity per bin, ``Q`` in 1/Angstrom (with 2 pi) and
     pyFAI's polarization factor of every pixel.
     """
-    from ..pyfai_geometry import integrator
-
     ai = integrator(geometry, mask=masked)
     pol = np.asarray(ai.polarization(factor=polarization), dtype=np.float32)
     tth = np.asarray(ai.center_array(unit="2th_deg"))[~masked]
@@ -422,8 +422,6 @@ def transmission(
     ``partial / monitor`` on ``[first, last)``, held at the edge values outside,
     median-filtered over 31 frames and divided by its median.
     """
-    from scipy.ndimage import median_filter
-
     n = partial.size
     y = partial / monitor if monitor is not None else partial.copy()
     if last > first:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import WorkflowError
+from ..nexus.nxreduce import resolve_parameters
+from ..nexus.scanfile import rotation_entries
 from .parameters import parameters_of, validate_parameters
 
 __all__ = [
@@ -163,8 +165,6 @@ def step_parameters(
         On a name the step does not have (the message lists the valid ones) or a value
         of the wrong type.
     """
-    from ..nexus.nxreduce import resolve_parameters
-
     step = get_step(name).name
     params = validate_parameters(step, explicit or {})
     settings = {p.setting: p.name for p in parameters_of(step) if p.setting}
@@ -185,8 +185,6 @@ def step_entries(
     name: str, scan_file: str | os.PathLike[str], entries: Sequence[str] | None = None
 ) -> list[str]:
     """The entries step ``name`` runs on: the rotation entries (or a subset), or ``entry``."""
-    from ..nexus.scanfile import rotation_entries
-
     step = get_step(name)
     if not step.per_entry:
         return step_targets(step, ())

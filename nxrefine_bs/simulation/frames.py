@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from ..errors import NXRefineBSError
 from ..geometry import Geometry, all_hkl
+from ..nexus.codecs import compression_options
 from .crystal import SimCrystal
 from .thermal import ThermalModel
 
@@ -66,7 +67,7 @@ class DetectorModel:
     @classmethod
     def from_pyfai(cls, name: str) -> DetectorModel:
         """Detector from its pyFAI name, e.g. ``"Pilatus CdTe 2M"``."""
-        import pyFAI.detectors
+        import pyFAI.detectors  # heavy: pyFAI, only for detectors named by pyFAI
 
         try:
             det = pyFAI.detectors.detector_factory(name)
@@ -490,8 +491,6 @@ class RotationSimulator:
         ``compression`` is a codec name (e.g. ``"bslz4"``) of
         :func:`nxrefine_bs.nexus.codecs.compression_options`; None writes raw frames.
         """
-        from ..nexus.codecs import compression_options
-
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; refusing to overwrite detector data")

@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fabio.cbfimage import CbfImage
+from fabio.tifimage import TifImage
 from numpy.typing import NDArray
 
 from ..geometry import Geometry
@@ -135,12 +137,8 @@ def _text(value: float, fmt: str) -> tuple[str, float]:
 
 def _write_image(path: Path, frame: NDArray[np.int32], image_format: str) -> None:
     if image_format == "cbf":
-        from fabio.cbfimage import CbfImage
-
         CbfImage(data=frame).write(str(path))
     else:
-        from fabio.tifimage import TifImage
-
         TifImage(data=frame).write(str(path))
 
 
