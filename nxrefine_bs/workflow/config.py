@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..errors import SettingsError
+from ..settings import default_settings, load_server_settings
 from .database import WorkflowDB
 
 logger = logging.getLogger(__name__)
@@ -22,9 +24,6 @@ __all__ = ["open_experiment_db", "server_settings"]
 
 def server_settings() -> dict[str, dict[str, Any]]:
     """The server settings file if it exists, else the built-in defaults."""
-    from ..errors import SettingsError
-    from ..settings import default_settings, load_server_settings
-
     try:
         return load_server_settings()
     except SettingsError as exc:

@@ -32,9 +32,11 @@ from typing import Any, Protocol, runtime_checkable
 from ..errors import WorkflowError
 from ..reduce.steps import STEPS, Step
 from ..settings_schema import NXREFINE_SERVER_TYPES
+from .config import server_settings
 from .database import WorkflowDB
 from .graph import TaskSpec, build_graph, new_token
 from .schema import Status
+from .sync import register_scan_steps
 from .task import DBArgs, run_task
 
 logger = logging.getLogger(__name__)
@@ -362,6 +364,7 @@ class DaskExecutor:
         client: Any = None,
         retries: int = DEFAULT_RETRIES,
     ) -> None:
+        # optional: dask.distributed, only for the Dask executor
         from distributed import Client, LocalCluster
 
         self._cluster = None
@@ -419,6 +422,7 @@ class DaskExecutor:
         WorkflowError
             If the scheduler has not received the graph within ``timeout`` seconds.
         """
+        # optional: dask.distributed, only for the Dask executor
         from distributed import Future, fire_and_forget
 
         heavy = self._heavy_resource()
@@ -501,8 +505,6 @@ def make_executor(
         Settings ``{section: {key: value}}``; default: the server settings.
     """
     if settings is None:
-        from .config import server_settings
-
         settings = server_settings()
     server = dict(settings.get("server", {}))
     kind = (kind or server.get("type") or "local").lower()
@@ -547,8 +549,6 @@ def run_scan_steps(
     registry : mapping, optional
         Step registry instead of the global one.
     """
-    from .sync import register_scan_steps
-
     path = Path(scan_file).absolute()
     if db is None:
         db = WorkflowDB(path.parent.parent.parent)

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..errors import WorkflowError
+from ..reduce import parameters
 from ..reduce.steps import STEPS, Step
 
 logger = logging.getLogger(__name__)
@@ -32,11 +33,7 @@ def _model(step: Step) -> Any:
     """The parameter-model module if it describes ``step`` (a registry step), else None."""
     if STEPS.get(step.name) != step:
         return None
-    try:
-        from ..reduce import parameters
-    except ImportError:  # pragma: no cover - the model is part of the package
-        return None
-    return parameters if step.name in getattr(parameters, "STEP_PARAMETERS", {}) else None
+    return parameters if step.name in parameters.STEP_PARAMETERS else None
 
 
 def step_parameter_names(step: Step) -> dict[str, Any]:

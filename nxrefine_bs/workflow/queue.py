@@ -29,6 +29,7 @@ from ..reduce.steps import STEPS, Step
 from .database import WorkflowDB
 from .executor import Executor, FutureLike, LocalExecutor, ScanResult, db_args, group_results
 from .graph import TaskSpec, build_graph, new_token
+from .params import step_params
 from .schema import Status, TaskRecord
 from .sync import is_scan_file, register_scan_steps
 
@@ -364,6 +365,4 @@ class ReductionQueue:
 
 
 def _for_step(params: Mapping[str, Any] | None, step: str) -> dict[str, Any]:
-    from .params import step_params
-
     return step_params(params, step)

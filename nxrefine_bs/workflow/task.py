@@ -21,6 +21,7 @@ I/O errors raise so that Dask's ``retries=`` runs the task again, until the last
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 import threading
@@ -35,12 +36,13 @@ import h5py
 from ..errors import WorkflowError
 from ..nexus.provenance import process_done, read_process
 from ..nexus.scanfile import open_scan_file
-from ..reduce.steps import STEPS, Step
+from ..reduce.steps import STEPS, Step, step_parameters
 from .database import WorkflowDB
 from .engine import dispose_engines
 from .graph import TaskSpec, from_parent, requirements, safe_parent
 from .leases import Claim
 from .schema import Status
+from .sync import rotation_entries
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +98,7 @@ def stray_part_files(scan_file: Path, entry: str, step: Step) -> list[Path]:
 
 def _worker_name() -> str:
     try:
-        from distributed import get_worker
+        from distributed import get_worker  # optional: dask.distributed, only in a Dask worker
 
         worker = get_worker()
         return f"dask:{worker.name}@{worker.address}"
@@ -343,8 +345,6 @@ class _NoRecord:
 
 
 def _entries(f: h5py.File) -> list[str]:
-    from .sync import rotation_entries
-
     return rotation_entries(f)
 
 
@@ -359,8 +359,6 @@ def _kwargs(
     step: Step, scan_file: Path, params: Mapping[str, Any], fn: Callable[..., Any]
 ) -> dict[str, Any]:
     """Explicit parameters, resolved through the settings layers for registry steps."""
-    import inspect
-
     explicit = dict(params or {})
     try:
         sig = inspect.signature(fn)
@@ -371,7 +369,5 @@ def _kwargs(
     ):
         explicit = {k: v for k, v in explicit.items() if k in sig.parameters}
     if STEPS.get(step.name) == step:
-        from ..reduce.steps import step_parameters
-
         return step_parameters(step.name, scan_file, explicit)
     return explicit
