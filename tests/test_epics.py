@@ -243,7 +243,10 @@ print("REDUCED", len(reduction.wait(60)), reduction.errors)
 """
 
 
-def test_profile_epics_runs_a_series(experiment, ioc, tmp_path):
+@pytest.mark.parametrize(
+    "api", ["ophyd-async", pytest.param("ophyd", marks=pytest.mark.slow)]
+)  # v1 itself: test_v1_adapter_flies_a_rotation_over_channel_access
+def test_profile_epics_runs_a_series(experiment, ioc, tmp_path, api):
     """``profiles/profile_epics`` connects to the prefix of ``[instrument]`` and scans."""
     import shutil
 
@@ -261,6 +264,7 @@ def test_profile_epics_runs_a_series(experiment, ioc, tmp_path):
         "NXREFINE_BS_FRAME_TIME": str(FRAME_TIME),
         "NXREFINE_BS_REDUCE": "max",
         "NXREFINE_BS_PROGRESS": "0",
+        "NXREFINE_BS_DEVICE_API": api,
         "IPYTHONDIR": str(tmp_path / "ipython"),
     }
     proc = subprocess.run(
@@ -273,6 +277,7 @@ def test_profile_epics_runs_a_series(experiment, ioc, tmp_path):
     assert lines["TILED"] == ["True", "2"], proc.stdout
     assert lines["REDUCED"][:2] == ["2", "[]"], proc.stdout
     assert f"phi={ioc}phi" in proc.stdout  # the banner names the PVs
+    assert f"({api} over Channel Access)" in proc.stdout
 
 
 @pytest.mark.slow  # the clean error itself: test_down_ioc_is_a_clean_error_naming_the_pvs
