@@ -3,8 +3,9 @@
 The plans of :mod:`nxrefine_bs.plans` drive any devices meeting these protocols:
 the package's simulated devices, ophyd-async's stock EPICS devices
 (``epics.adsimdetector.SimDetector``/``epics.adpilatus.PilatusDetector`` with an
-``ADHDFWriter`` (``ADWriterFactory.hdf``), ``epics.motor.Motor``) and ophyd v1 devices
-(step scans).  Nothing else about a device is probed.
+``ADHDFWriter`` (``ADWriterFactory.hdf``), ``epics.motor.Motor``), stock ophyd v1
+EPICS devices through the thin adapter of :mod:`nxrefine_bs.devices.epics_v1` (fly and
+step) and the simulated ophyd v1 devices (step).  Nothing else about a device is probed.
 
 * :class:`RotationDetector` - stage, prepare with a ``TriggerInfo``, kick off and
   collect (fly), or trigger and read (step).  Its files go where its

@@ -9,8 +9,9 @@ file and lets the detector create the directories below the experiment directory
 
 The devices are any :class:`~nxrefine_bs.devices.protocols.RotationBeamline`: the
 simulated beamline (:func:`~nxrefine_bs.devices.make_sim_beamline`), ophyd-async EPICS
-devices (:func:`~nxrefine_bs.devices.epics.make_epics_beamline`) or ophyd v1 devices
-(step scans).
+devices (:func:`~nxrefine_bs.devices.epics.make_epics_beamline`), ophyd v1 EPICS devices
+(``make_epics_beamline(..., api="ophyd")``: fly and step) or the simulated ophyd v1
+devices (step).
 
 All arguments of all runs of a plan are validated before the first message is
 yielded, so a bad name, an empty phi range or an existing detector file raises
@@ -100,7 +101,8 @@ def rotation_scan(
     ----------
     devices : RotationBeamline
         From :func:`~nxrefine_bs.devices.make_sim_beamline` or
-        :func:`~nxrefine_bs.devices.epics.make_epics_beamline` (ophyd-async).
+        :func:`~nxrefine_bs.devices.epics.make_epics_beamline` (ophyd-async, or ophyd v1
+        with ``api="ophyd"``).
     experiment_dir : path-like
         Existing experiment directory.
     sample, label, scan : str
@@ -171,8 +173,9 @@ def step_rotation_scan(
 ) -> MsgGenerator[str]:
     """One step rotation: move phi, trigger and read, one ``primary`` event per frame.
 
-    Works with the ophyd-async detector (frames as StreamResource/StreamDatum) and the
-    ophyd v1 detector (Resource/Datum).  Parameters as for :func:`rotation_scan`.
+    Works with ophyd-async detectors (frames as StreamResource/StreamDatum) and ophyd v1
+    detectors (Resource/Datum), simulated or over EPICS.  Parameters as for
+    :func:`rotation_scan`.
     """
     return (yield from _single_rotation("step", "step_rotation_scan", dict(locals())))
 
