@@ -32,9 +32,12 @@ from .callbacks.isolation import BeamlineRunEngine, NonCritical
 from .callbacks.nexus_writer import NeXusScanWriter
 from .callbacks.progress import FrameProgress
 from .callbacks.reduction import DEFAULT_STEPS, PostScanReduction
+from .devices import make_sim_beamline
 from .geometry import Geometry
 from .simulation.crystal import SimCrystal
 from .simulation.frames import DetectorModel
+from .tiled.archive import ResilientArchiver, journal_directory
+from .tiled.catalog import close_catalog, open_catalog
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +68,6 @@ class BeamlineSession:
         if self.progress is not None:
             self.progress.close()
         if self.tiled is not None:
-            from .tiled.catalog import close_catalog
-
             close_catalog(self.tiled)
             self.tiled = None
 
@@ -117,8 +118,6 @@ def start_session(
         connected by the caller); default: a new simulated beamline from ``detector``,
         ``geometry``, ``crystal``, ``seed``.
     """
-    from .devices import make_sim_beamline
-
     experiment_dir = Path(experiment_dir).absolute()
     RE = RE if RE is not None else BeamlineRunEngine({})
 
@@ -131,9 +130,6 @@ def start_session(
     writer = NeXusScanWriter()
     session = BeamlineSession(experiment_dir, RE, None, writer)
     if tiled:
-        from .tiled.archive import ResilientArchiver, journal_directory
-        from .tiled.catalog import open_catalog
-
         target = tiled if isinstance(tiled, str) else experiment_dir
         try:
             session.tiled = open_catalog(target)

@@ -26,6 +26,7 @@ from typing import Any
 from bluesky import RunEngine
 
 from ..errors import WriterError
+from .nexus_writer import NeXusScanWriter
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +122,6 @@ def _close_at_exit(ref: weakref.ReferenceType[NonCritical]) -> None:
 
 
 def _is_critical(func: Any) -> bool:
-    from .nexus_writer import NeXusScanWriter
-
     return isinstance(func, NeXusScanWriter)
 
 

@@ -45,6 +45,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from event_model import pack_event_page
+
 from ..errors import MetadataError, WriterError
 from ..nexus.h5tools import nx_group, write_field
 from ..nexus.scanfile import create_scan_file, update_scan_file
@@ -107,7 +109,8 @@ class NeXusScanWriter:
         self._routing = threading.Lock()  # guards the three routing tables
         self._starting = threading.Lock()  # guards starting/stopping the writer thread
         self._closed = False
-        # Import now, at set-up: importing these on the first start document (~1-2 s)
+        # heavy: pyFAI (and tiled with normalize) are imported here, at set-up: not at
+        # module import, which stays light, nor on the first start document, where ~1-2 s
         # would block the RunEngine at the start of the first scan.
         import pyFAI.detectors  # noqa: F401  (used for detector masks)
 
@@ -190,8 +193,6 @@ class NeXusScanWriter:
     def _make_router(self, writer: RunWriter) -> Callable[[str, dict[str, Any]], Any]:
         def accept(name: str, doc: dict[str, Any]) -> None:
             if name == "event":  # RunNormalizer emits events; file them as pages
-                from event_model import pack_event_page
-
                 name, doc = "event_page", dict(pack_event_page(doc))  # type: ignore[arg-type]
             writer.accept(name, doc)
             self._submit(writer, name, doc)
@@ -390,6 +391,7 @@ def _normalizer_class() -> type:
     written from it) and :meth:`RunWriter.accept` checks every field the writer uses,
     so the emitted documents are passed on as they are.
     """
+    # heavy: tiled, only with normalize=True
     from bluesky_tiled_plugins.writing.tiled_writer import RunNormalizer
 
     class _RunNormalizer(RunNormalizer):

@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from ..reduce.steps import STEP_ORDER, get_step
+from ..workflow.config import open_experiment_db, server_settings
+from ..workflow.executor import make_executor
+from ..workflow.queue import ReductionQueue
 from .run_writer import scan_file_for_start
 
 logger = logging.getLogger(__name__)
@@ -87,10 +90,6 @@ class PostScanReduction:
         if self._queue is not None:
             return self._queue
         if experiment_dir not in self._queues:
-            from ..workflow.config import open_experiment_db, server_settings
-            from ..workflow.executor import make_executor
-            from ..workflow.queue import ReductionQueue
-
             settings = self.settings if self.settings is not None else server_settings()
             db = open_experiment_db(experiment_dir, settings=settings)
             executor = make_executor(settings=settings)

@@ -32,9 +32,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import h5py
 import msgpack
 import numpy as np
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from .nexus_writer import NeXusScanWriter
+from .reduction import PostScanReduction
+from .run_writer import scan_file_for_start
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +90,6 @@ def decode(payload: bytes) -> dict[str, Any]:
 # ---------------------------------------------------------------------- CURVE keys
 def make_keys(directory: str | Path) -> Path:
     """Create CURVE key pairs ``server`` and ``client`` in ``directory`` (mode 0700)."""
-    import zmq.auth
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     for name in ("server", "client"):
@@ -94,8 +99,6 @@ def make_keys(directory: str | Path) -> Path:
 
 
 def _curve_server(sock: zmq.Socket, directory: Path) -> None:
-    import zmq.auth
-
     public, secret = zmq.auth.load_certificate(str(directory / "server.key_secret"))
     sock.curve_secretkey = secret
     sock.curve_publickey = public
@@ -103,8 +106,6 @@ def _curve_server(sock: zmq.Socket, directory: Path) -> None:
 
 
 def _curve_client(sock: zmq.Socket, directory: Path) -> None:
-    import zmq.auth
-
     public, secret = zmq.auth.load_certificate(str(directory / "client.key_secret"))
     server_public, _ = zmq.auth.load_certificate(str(directory / "server.key"))
     sock.curve_secretkey = secret
@@ -113,8 +114,6 @@ def _curve_client(sock: zmq.Socket, directory: Path) -> None:
 
 
 def _start_authenticator(ctx: zmq.Context, directory: Path) -> Any:
-    from zmq.auth.thread import ThreadAuthenticator
-
     auth = ThreadAuthenticator(ctx)
     auth.start()
     auth.configure_curve(domain="*", location=str(directory))  # trusts *.key there
@@ -352,10 +351,6 @@ class _Catchup:
 
 def _written(first: dict[str, Any]) -> bool:
     """True if the scan file already records the run of start envelope ``first`` as ended."""
-    import h5py
-
-    from .run_writer import scan_file_for_start
-
     if first["name"] != "start" or "nxrefine" not in first["doc"]:
         return True  # not a run this writer writes
     try:
@@ -382,13 +377,9 @@ def serve(
     At start-up it asks the proxy for its recent runs and replays the ones it has not
     seen, so a restarted writer finishes a rotation it missed.  Returns 0.
     """
-    from .nexus_writer import NeXusScanWriter
-
     writer = NeXusScanWriter()
     callbacks: list[Any] = [writer]
     if reduce_steps:
-        from .reduction import PostScanReduction
-
         callbacks.append(PostScanReduction(steps=tuple(reduce_steps), writer=writer))
     ctx = zmq.Context()
     sub, req = ctx.socket(zmq.SUB), None

@@ -635,7 +635,7 @@ def _mask_from_frames(fe: h5py.Group) -> None:
 def _pyfai_mask(name: str, shape: tuple[int, int]) -> np.ndarray | None:
     if not name:
         return None
-    import pyFAI.detectors
+    import pyFAI.detectors  # heavy: pyFAI (loaded at NeXusScanWriter set-up)
 
     known = pyFAI.detectors.ALL_DETECTORS
     if not any(n in known for n in (name.lower().replace(" ", "_"), name.lower().replace(" ", ""))):

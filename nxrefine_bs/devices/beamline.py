@@ -23,6 +23,7 @@ from typing import Any
 from bluesky.run_engine import call_in_bluesky_event_loop
 from bluesky.utils import MsgGenerator
 from ophyd.sim import SynAxis
+from ophyd_async.core import Device as AsyncDevice
 from ophyd_async.core import PathProvider, wait_for_connection
 from ophyd_async.plan_stubs import ensure_connected
 
@@ -116,8 +117,6 @@ class SimBeamlineDevices:
     @property
     def is_ophyd_async(self) -> bool:
         """True for ophyd-async devices, False for ophyd v1."""
-        from ophyd_async.core import Device as AsyncDevice
-
         return isinstance(self.detector, AsyncDevice)
 
     def connect_plan(self) -> MsgGenerator[None]:
