@@ -310,7 +310,7 @@ def test_profile_epics_without_ioc_names_the_pvs(experiment, ioc, tmp_path):
 
 
 # ---------------------------------------------------------------------- ophyd v1, step scans
-V1_PHI = {"phi_start": 0.0, "phi_end": 8.0, "phi_step": 1.0}  # 8 frames
+V1_PHI = {"phi_start": 0.0, "phi_end": 12.0, "phi_step": 1.0}  # 12 frames
 
 
 def v1_beamline(exp: Path, prefix: str):
@@ -379,7 +379,7 @@ def test_v1_adapter_flies_a_rotation_over_channel_access(RE, experiment, ca):
             )
         )
         assert writer.wait_run(uid, timeout=60) == "success"
-        check_scan_file(exp, "fly", 8)
+        check_scan_file(exp, "fly", 12)
         with h5py.File(exp / NAMES["sample"] / NAMES["label"] / "fly" / "f1.h5", "r") as f:
             phi = f["/entry/instrument/NDAttributes/phi"][()]
         # phi flew at one step per frame while it cruised (up to the end of the range the
@@ -388,7 +388,7 @@ def test_v1_adapter_flies_a_rotation_over_channel_access(RE, experiment, ca):
         cruising = phi[1:] <= V1_PHI["phi_end"] - 0.5 * V1_PHI["phi_step"]
         assert cruising.sum() >= 4, phi
         np.testing.assert_allclose(np.diff(phi)[cruising], 1.0, atol=0.05)
-        assert -0.01 <= phi[0] < 3 * V1_PHI["phi_step"], phi
+        assert -0.01 <= phi[0] < 5 * V1_PHI["phi_step"], phi
         assert devices.goniometer.phi.velocity.get() == pytest.approx(velocity)  # restored
         # the v1 temperature controller: set() finishes once T is within TOL of the set point
         import bluesky.plan_stubs as bps
