@@ -36,18 +36,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 from numpy.typing import NDArray
 
 from .errors import ExperimentError
 from .experiment import Experiment, scan_directory_name
 from .geometry import Geometry
+from .nexus.provenance import process_done, read_process
 from .nexus.scanfile import create_scan_file, update_scan_file
 from .nexus.template import Position, create_configuration
+from .plans.rotation import temperature_series
+from .plots import plot_slice
 from .reduce.lattice import Lattice, write_lattice
+from .reduce.transform_io import read_transform
+from .session import start_session
+from .settings import update_settings
 from .simulation.crystal import SimCrystal
 from .simulation.frames import DetectorModel
 from .simulation.thermal import CDW_VECTORS, ThermalModel
+from .tiled.processed import register_experiment
+from .workflow.database import WorkflowDB
 
 logger = logging.getLogger(__name__)
 
@@ -179,9 +188,6 @@ def superlattice_signal(
     superlattice, bragg : float
         Mean integrated intensities (NaN when no position was measured).
     """
-    from .reduce.transform_io import read_transform
-    from .simulation.crystal import SimCrystal
-
     grid, f = read_transform(transform_file)
     with f:
         data = f["entry/data"]
@@ -236,10 +242,6 @@ def summarise_scan(
 
     ``thermal`` is the model the simulator used (for the order parameter column).
     """
-    import h5py
-
-    from .nexus.provenance import process_done, read_process
-
     out = TemperatureSummary(
         temperature=float(temperature),
         scan_file=scan_file,
@@ -341,10 +343,6 @@ def run_demo(
     compression : str, optional
         h5py compression of the detector files (None: uncompressed).
     """
-    from .plans.rotation import temperature_series
-    from .session import start_session
-    from .settings import update_settings
-
     t0 = time.perf_counter()
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
@@ -457,7 +455,6 @@ def run_demo(
         if session.reduction is not None:
             logger.info("waiting for the post-scan reduction to finish")
             result.reduction = session.reduction.wait()
-            from .plots import plot_slice
 
             for scan_file, temperature in zip(scan_files, temperatures, strict=True):
                 transform = scan_file.parent / scan_file.stem.split("_", 1)[1] / "transform.nxs"
@@ -474,9 +471,6 @@ def run_demo(
                     result.plots.append(png)
                 result.summary.append(summarise_scan(scan_file, temperature, png, thermal))
         if session.tiled is not None:
-            from .tiled.processed import register_experiment
-            from .workflow.database import WorkflowDB
-
             registered = register_experiment(
                 session.tiled, exp.directory, db=WorkflowDB(exp.directory)
             )

@@ -66,6 +66,7 @@ class ResilientArchiver:
         """Journals of runs that did not reach Tiled."""
 
     def _primary(self) -> Any:
+        # heavy: tiled, loaded on first use
         from bluesky_tiled_plugins import TiledWriter
 
         if self._client is None:
@@ -148,6 +149,7 @@ def resume_uploads(client: Any, journal_dir: str | os.PathLike[str]) -> list[str
     again; a partial copy (no stop) is deleted and replaced.  A journal is deleted once
     its run is uploaded.
     """
+    # heavy: tiled, loaded on first use
     from bluesky_tiled_plugins import TiledWriter
 
     done = []

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SettingsError, TiledError
+from ..settings import load_experiment_settings, load_server_settings
+from .processed import PROCESSED
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +71,8 @@ def _is_uri(text: str) -> bool:
 def _raw_dirs(experiment_dir: Path) -> list[Path]:
     """``[instrument] raw_home`` of the experiment settings, if set and present."""
     try:
-        from ..settings import load_experiment_settings
-
         instrument = load_experiment_settings(experiment_dir).get("instrument", {})
-    except (SettingsError, OSError, ImportError):
+    except (SettingsError, OSError):
         return []
     raw = instrument.get("raw_home")
     if raw and Path(raw).expanduser().is_dir():
@@ -82,8 +82,6 @@ def _raw_dirs(experiment_dir: Path) -> list[Path]:
 
 def _server_uri() -> str:
     try:
-        from ..settings import load_server_settings
-
         return str(load_server_settings().get("server", {}).get("tiled_uri") or "")
     except SettingsError:
         return ""
@@ -121,7 +119,7 @@ def open_catalog(
     TiledError
         If nothing says which catalog to open, or it cannot be opened.
     """
-    import tiled.client
+    import tiled.client  # heavy: tiled, loaded on first use
 
     if uri_or_dir is None:
         uri_or_dir = _server_uri()
@@ -132,9 +130,15 @@ def open_catalog(
             )
     target = os.fspath(uri_or_dir)
     if _is_uri(target):
-        try:
-            return tiled.client.from_uri(target, api_key=api_key)
+        from tiled.client.context import Context
+
+        context = None
+        try:  # tiled.client.from_uri, but the connection is closed when it fails
+            context, node_path_parts = Context.from_any_uri(target, api_key=api_key)
+            return tiled.client.from_context(context, node_path_parts=node_path_parts)
         except Exception as exc:  # httpx errors, auth errors
+            if context is not None:
+                context.close()
             raise TiledError(f"cannot connect to the Tiled server {target}: {exc}") from exc
     path = Path(target).expanduser().absolute()
     experiment_dir = path.parent if path.name == CATALOG_DIRNAME else path
@@ -144,6 +148,7 @@ def open_catalog(
 
 
 def _open_embedded(experiment_dir: Path, readable_storage: Iterable[str | os.PathLike[str]]) -> Any:
+    # heavy: tiled, loaded on first use
     import tiled.catalog
     import tiled.client
     from bluesky_tiled_plugins.exporters import json_seq_exporter
@@ -199,10 +204,9 @@ def _quiet_startup() -> Iterator[None]:
 
 def _runs_node(root: Any) -> Any:
     """The ``runs`` container (created on a new catalog); the root of an old catalog."""
+    # heavy: tiled, loaded on first use
     from tiled.client.container import Container
     from tiled.structures.core import Spec
-
-    from .processed import PROCESSED
 
     keys = list(Container.keys(root))
     if RUNS in keys:
@@ -237,6 +241,7 @@ def archive_callback(client: Any, *, batch_size: int = 10000) -> Any:
     batch_size : int
         Events buffered before a table write (use 1 to see rows while a run goes on).
     """
+    # heavy: tiled, loaded on first use
     from bluesky_tiled_plugins import TiledWriter
 
     return TiledWriter(client, batch_size=batch_size)

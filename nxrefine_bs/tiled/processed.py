@@ -25,6 +25,9 @@ from ..nexus.h5tools import read_field
 from ..nexus.provenance import process_done
 from ..nexus.scanfile import open_scan_file
 from ..reduce.steps import STEPS
+from ..workflow.queue import find_scan_files
+from ..workflow.schema import SCAN_ENTRY, Status, aggregate_status
+from ..workflow.sync import rotation_entries
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,7 @@ _OPERATORS = {
 
 def _child(node: Any, key: str) -> Any:
     """``node[key]`` by plain key, bypassing ``CatalogOfBlueskyRuns``' uid lookup."""
+    # heavy: tiled, loaded on first use
     from tiled.client.container import Container
 
     return Container.__getitem__(node, key)
@@ -65,6 +69,7 @@ def _child(node: Any, key: str) -> Any:
 
 def _root(client: Any) -> Any:
     """The root node of ``client``'s catalog (the runs live in a sibling ``runs``)."""
+    # heavy: tiled, loaded on first use
     from tiled.client import from_context
 
     path = [part for part in getattr(client, "path_parts", None) or [] if part]
@@ -136,8 +141,6 @@ def scan_metadata(scan_file: str | os.PathLike[str], db: Any = None) -> dict[str
     path = Path(scan_file).absolute()
     sample, label, scan = _names(path)
     meta: dict[str, Any] = {"sample": sample, "label": label, "scan": scan}
-    from ..workflow.schema import SCAN_ENTRY, Status, aggregate_status
-    from ..workflow.sync import rotation_entries
 
     with open_scan_file(path) as f:
         entries = rotation_entries(f)
@@ -223,6 +226,7 @@ def register_processed(
     tiled client node
         The registered node.
     """
+    # heavy: tiled, loaded on first use
     from tiled.structures.core import Spec, StructureFamily
     from tiled.structures.data_source import Asset, DataSource, Management
     from tiled.utils import ensure_uri
@@ -272,8 +276,6 @@ def register_experiment(
     client: Any, experiment_dir: str | os.PathLike[str], *, db: Any = None
 ) -> list[str]:
     """Register every scan file of an experiment; return the keys."""
-    from ..workflow.queue import find_scan_files
-
     keys = []
     for path in find_scan_files([experiment_dir]):
         if path.parent.parent.parent != Path(experiment_dir).absolute():
@@ -294,6 +296,7 @@ def build_query(key: str, value: Any, prefix: str = "") -> Any:
     underscores elsewhere become dots (``workflow__refine="done"`` ->
     ``Key("workflow.refine") == "done"``).
     """
+    # heavy: tiled, loaded on first use
     from tiled.queries import Contains, In, Key, NotIn
 
     parts = key.split("__")

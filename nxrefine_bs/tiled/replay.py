@@ -35,8 +35,12 @@ from typing import Any
 
 import h5py
 
+from ..callbacks.run_writer import scan_file_for_start
 from ..errors import ReplayError
+from ..nexus.provenance import WORKFLOW_GROUP
 from ..nexus.safewrite import locked
+from ..nexus.scanfile import open_scan_file, update_scan_file
+from .processed import find_runs
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +90,11 @@ def _scan_id_query(client: Any, scan_id: int) -> Any:
     """
     specs = {getattr(s, "name", s) for s in getattr(client, "specs", ()) or ()}
     if "CatalogOfBlueskyRuns" in specs:
+        # heavy: tiled, loaded on first use
         from bluesky_tiled_plugins.queries import ScanID
 
         return ScanID(scan_id)
+    # heavy: tiled, loaded on first use
     from tiled.queries import Key
 
     return Key("start.scan_id") == scan_id
@@ -119,8 +125,6 @@ def select_runs(
                 raise ReplayError(f"no archived run with scan id {sid} in {client.uri}")
             runs.extend(found.values())
     if query:
-        from .processed import find_runs
-
         found = find_runs(client, **query)
         if len(found) == 0:
             raise ReplayError(f"no archived run matches {query}")
@@ -198,9 +202,6 @@ def reduction_results(scan_file: str | os.PathLike[str], entry: str) -> list[str
     Every reduction step, refinement included, records an ``nxworkflow/<process>``
     group; ``nxlink`` is the writer's own record.  A missing file or entry has none.
     """
-    from ..nexus.provenance import WORKFLOW_GROUP
-    from ..nexus.scanfile import open_scan_file
-
     path = Path(scan_file)
     if not path.exists():
         return []
@@ -217,8 +218,6 @@ def _plan(
     runs: Sequence[Any], experiment_dir: str | os.PathLike[str] | None, overwrite: bool
 ) -> list[tuple[Path, str] | None]:
     """Each run's target ``(scan file, entry)``; refuse entries with reduction results."""
-    from ..callbacks.run_writer import scan_file_for_start
-
     targets: list[tuple[Path, str] | None] = []
     refused = []
     for run in runs:
@@ -355,8 +354,6 @@ def replay_runs(
 
 def _put_back(scan_file: Path, entry: str, backup: Path) -> None:
     """Restore the non-writer parts of ``entry`` from ``backup``, then delete it."""
-    from ..nexus.scanfile import update_scan_file
-
     index = "nxworkflow/nxlink/sequence_index"
     with h5py.File(backup, "r") as old, update_scan_file(scan_file) as f:
         if entry in old and entry in f:
