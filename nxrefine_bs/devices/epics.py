@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,12 +36,18 @@ from ophyd_async.core import (
     StandardReadableFormat,
     wait_for_value,
 )
+from ophyd_async.epics.adcore import ADWriterFactory
+from ophyd_async.epics.adpilatus import PilatusDetector
+from ophyd_async.epics.adsimdetector import SimDetector
 from ophyd_async.epics.core import epics_signal_r, epics_signal_rw
+from ophyd_async.epics.motor import Motor
 
-from ..errors import NXRefineBSError
+from ..errors import DeviceConnectionError, NXRefineBSError
 from ..geometry import Geometry
 from ..simulation.frames import DetectorModel
+from .beamline import DEVICE_APIS
 from .detector import RotationPathProvider
+from .epics_v1 import connect_v1_devices, make_v1_devices
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +149,6 @@ class EpicsGoniometer(StandardReadable):
     """``phi``, ``chi``, ``omega`` motor records (readable together for the baseline)."""
 
     def __init__(self, prefixes: Mapping[str, str], name: str = "") -> None:
-        from ophyd_async.epics.motor import Motor
-
         with self.add_children_as_readables():
             self.phi = Motor(prefixes["phi"])
             self.chi = Motor(prefixes["chi"])
@@ -233,15 +238,11 @@ def make_epics_beamline(
     NXRefineBSError
         For an unknown ``api``, detector class or device prefix.
     """
-    from .beamline import DEVICE_APIS
-
     if api not in DEVICE_APIS:
         raise NXRefineBSError(f"api must be one of {', '.join(DEVICE_APIS)}, got {api!r}")
     full = resolve_prefixes(prefix, prefixes)
     provider = RotationPathProvider(directory, "f1")
     if api == "ophyd":
-        from .epics_v1 import make_v1_devices
-
         v1 = make_v1_devices(
             full,
             provider,
@@ -257,17 +258,11 @@ def make_epics_beamline(
             prefixes=full,
             api=api,
         )
-    from ophyd_async.epics.adcore import ADWriterFactory
-
     writer = ADWriterFactory.hdf(provider)
     det: StandardDetector
     if detector_class == "sim":
-        from ophyd_async.epics.adsimdetector import SimDetector
-
         det = SimDetector(full["detector"], writer, name=detector_name)
     elif detector_class == "pilatus":
-        from ophyd_async.epics.adpilatus import PilatusDetector
-
         det = PilatusDetector(full["detector"], writer, name=detector_name)
     else:
         raise NXRefineBSError(f"detector class must be 'sim' or 'pilatus', got {detector_class!r}")
@@ -294,11 +289,7 @@ async def connect_epics_beamline(devices: EpicsBeamlineDevices, timeout: float =
     DeviceConnectionError
         Naming the unconnected PVs and the prefixes to check.
     """
-    from ..errors import DeviceConnectionError
-
     if devices.api == "ophyd":
-        from .epics_v1 import connect_v1_devices
-
         await asyncio.to_thread(connect_v1_devices, devices.all_devices(), timeout)
         return
     results = await asyncio.gather(
@@ -321,8 +312,6 @@ async def connect_epics_beamline(devices: EpicsBeamlineDevices, timeout: float =
 
 def _pv_names(error: NotConnectedError, limit: int = 6) -> str:
     """The PV names mentioned in an ophyd-async connection error (first ``limit``)."""
-    import re
-
     names = sorted(set(re.findall(r"ca://([^\s'\",]+)", str(error))))
     if not names:
         return str(error).strip().splitlines()[0] if str(error).strip() else "not connected"

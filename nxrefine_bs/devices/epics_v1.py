@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
+from event_model import ComposeStreamResource
 from ophyd import Component as Cpt
 from ophyd import Device, EpicsMotor, EpicsSignal, EpicsSignalRO
 from ophyd import FormattedComponent as FCpt
@@ -568,8 +569,6 @@ class AreaDetectorV1Adapter:
         path = self._check_staged("kickoff()")
         if not self._n_events or self._mode == "step":
             raise NXRefineBSError(f"{self.name}: kickoff() needs prepare(TriggerInfo) first")
-        from event_model import ComposeStreamResource
-
         self._mode = "fly"
         keys = self.describe_collect()
         compose = ComposeStreamResource()

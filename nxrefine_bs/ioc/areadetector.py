@@ -158,7 +158,7 @@ class AreaDetectorSim:
         hdf = pvs.sub("HDF1:")
         self.hdf = hdf
         self._ndarray_base(hdf, "HDF1", ny, nx, plugin=True)
-        hdf._add("PluginType_RBV", _string40("NDFileHDF5"))  # ophyd v1 plugins check it
+        hdf.string40("PluginType_RBV", "NDFileHDF5")  # ophyd v1 plugins check it
         self.file_path, self.file_path_rbv = hdf.rw("string", "FilePath", "")
         self.file_name, _ = hdf.rw("string", "FileName", "")
         self.file_template, _ = hdf.rw("string", "FileTemplate", "%s%s.h5")
@@ -371,10 +371,3 @@ class AreaDetectorSim:
         if self._file is not None:
             self._file.close()
         self._executor.shutdown(wait=True)
-
-
-def _string40(value: str) -> Any:
-    """A ``DBR_STRING`` PV value (40 characters), as stringin records serve."""
-    from caproto import ChannelString
-
-    return ChannelString(value=value)

@@ -22,10 +22,13 @@ import asyncio
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from caproto.asyncio.server import Context
 
 from ..devices.beamline import default_crystal, default_geometry, detector_model
 from ..errors import NXRefineBSError
@@ -80,7 +83,7 @@ class TemperatureSim:
         self.tau = pvs.double("TAU", time_constant, units="s")
         self.tolerance = pvs.double("TOL", 0.5, units="K")
         self.at_setpoint = pvs.boolean("ATSP", True)
-        self.egu = pvs._add("EGU", _string40("K"))
+        self.egu = pvs.string40("EGU", "K")
 
     async def run(self) -> None:
         """Relax the readback towards the set point forever."""
@@ -172,8 +175,6 @@ class BeamlineIOC:
 
     async def serve(self, interfaces: Sequence[str]) -> None:
         """Serve Channel Access on ``interfaces`` until cancelled."""
-        from caproto.asyncio.server import Context
-
         ctx = Context(self.pvdb, interfaces=list(interfaces))
         await self.startup()
         logger.info(
@@ -219,8 +220,6 @@ def run_ioc(
     watch_pid : int, optional
         Stop when this process (e.g. the test runner that started the IOC) exits.
     """
-    import signal
-
     if interfaces is None:
         env = os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "").split()
         interfaces = env or ["127.0.0.1"]
@@ -249,9 +248,3 @@ class _BeaconFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Failed to send beacon")
-
-
-def _string40(value: str) -> Any:
-    from caproto import ChannelString
-
-    return ChannelString(value=value)

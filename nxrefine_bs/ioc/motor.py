@@ -21,12 +21,8 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .pvs import PVDict
-
-if TYPE_CHECKING:  # caproto is imported when the IOC starts
-    from caproto import ChannelString
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +149,8 @@ class MotorRecord:
         self.velo = pvs.double(".VELO", velocity, units=f"{egu}/s")
         self.vmax = pvs.double(".VMAX", max_velocity, units=f"{egu}/s")
         self.accl = pvs.double(".ACCL", accel_time, units="s")
-        self.egu = pvs._add(".EGU", _string40(egu))
-        self.desc = pvs._add(".DESC", _string40(description or self.name))
+        self.egu = pvs.string40(".EGU", egu)
+        self.desc = pvs.string40(".DESC", description or self.name)
         self.mres = pvs.double(".MRES", 1e-4, precision=6)
         self.srev = pvs.integer(".SREV", 200)
         self.urev = pvs.double(".UREV", 1.0)
@@ -173,7 +169,7 @@ class MotorRecord:
         pvs.enum(".SET", ("Use", "Set"))
         pvs.integer(".HLS", 0)
         pvs.integer(".LLS", 0)
-        pvs._add(".OUT", _string40(""))
+        pvs.string40(".OUT", "")
         self.stop_pv = pvs.integer(".STOP", 0)
         self.val.on_write(self._on_val)
         self.stop_pv.on_write(self._on_stop)
@@ -231,9 +227,3 @@ class MotorRecord:
             await self.movn.put(0)
             await self.dmov.put(1)
         return 0
-
-
-def _string40(value: str) -> ChannelString:
-    from caproto import ChannelString
-
-    return ChannelString(value=value)

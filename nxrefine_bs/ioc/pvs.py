@@ -19,6 +19,7 @@ from caproto import (
     ChannelDouble,
     ChannelEnum,
     ChannelInteger,
+    ChannelString,
     ChannelType,
 )
 
@@ -144,6 +145,10 @@ class PVDict:
     def string(self, suffix: str, value: str = "") -> PV:
         """A long string (char waveform), as areaDetector's path and XML PVs."""
         return self._add(suffix, _CHAR(value=value, max_length=LONG_STRING))
+
+    def string40(self, suffix: str, value: str = "") -> PV:
+        """A ``DBR_STRING`` PV (at most 40 characters), as stringin records and ``.EGU``."""
+        return self._add(suffix, ChannelString(value=value))
 
     def rw(self, kind: str, suffix: str, *args: Any, **kwargs: Any) -> tuple[PV, PV]:
         """A setpoint ``suffix`` and its readback ``suffix_RBV``; writes copy to the readback."""

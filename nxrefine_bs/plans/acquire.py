@@ -23,6 +23,7 @@ from ophyd_async.core import Device as AsyncDevice
 from ophyd_async.core import FlyMotorInfo, TriggerInfo
 from ophyd_async.plan_stubs import ensure_connected
 
+from ..devices.epics_v1 import all_connected, channel_access_devices, connect_v1_devices
 from ..devices.protocols import RotationRenderer, VelocityControlled
 from ..errors import MetadataError
 from .specs import RotationSpec, _number, start_metadata
@@ -43,8 +44,6 @@ def connect_devices(devices: Any) -> MsgGenerator[None]:
         Naming the v1 PVs that did not connect within ``devices.connect_timeout`` s
         (default 10).
     """
-    from ..devices.epics_v1 import all_connected, channel_access_devices, connect_v1_devices
-
     timeout = float(getattr(devices, "connect_timeout", 10.0))
     every = _all_devices(devices)
     async_devices = [d for d in every if isinstance(d, AsyncDevice)]
