@@ -1,8 +1,9 @@
-"""Package-level contracts: lazy callbacks, py.typed, one error hierarchy."""
+"""Package-level contracts: lazy callbacks, light imports, py.typed, one error hierarchy."""
 
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,79 @@ def test_every_error_class_lives_in_errors_py():
     for name in errors.__all__:
         cls = getattr(errors, name)
         assert issubclass(cls, errors.NXRefineBSError) and cls.__module__ == errors.__name__
+
+
+# Heavy or optional dependencies that importing the package must not load: each is
+# imported inside the functions that use it, with a "# heavy: ..." comment
+# (docs/architecture.md, "Imports").
+HEAVY = (
+    "matplotlib",
+    "tiled",
+    "bluesky_tiled_plugins",
+    "dask",
+    "distributed",
+    "zmq",
+    "pyFAI",
+    "silx",
+    "caproto",
+    "aioca",
+    "IPython",
+    "xrayutilities",
+    "spec2nexus",
+    "scipy.signal",  # ~1 s to import
+)
+
+# What most users import, the modules that keep a heavy import local, and (through
+# build_parser, which imports every command module) what `nxrefine-bs --help` loads.
+LIGHT_MODULES = (
+    "nxrefine_bs",
+    "nxrefine_bs.cli",
+    "nxrefine_bs.settings",
+    "nxrefine_bs.experiment",
+    "nxrefine_bs.geometry",
+    "nxrefine_bs.pyfai_geometry",
+    "nxrefine_bs.plots",
+    "nxrefine_bs.nexus.scanfile",
+    "nxrefine_bs.nexus.geometry_io",
+    "nxrefine_bs.reduce.steps",
+    "nxrefine_bs.calibration",
+    "nxrefine_bs.callbacks",
+    "nxrefine_bs.callbacks.nexus_writer",
+    "nxrefine_bs.tiled",
+    "nxrefine_bs.workflow.executor",
+    "nxrefine_bs.workflow.queue",
+)
+
+
+def _modules_after(modules: tuple[str, ...], then: str = "") -> set[str]:
+    """``sys.modules`` of a fresh interpreter after importing ``modules`` (and running ``then``)."""
+    code = (
+        "import importlib, json, sys\n"
+        f"for name in {list(modules)!r}:\n"
+        "    importlib.import_module(name)\n"
+        f"{then}"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def test_light_imports():
+    loaded = _modules_after(
+        LIGHT_MODULES, "from nxrefine_bs.cli import build_parser\nbuild_parser()\n"
+    )
+    assert {"nxrefine_bs", "numpy"} <= loaded  # the check sees what was imported
+    assert sorted(loaded & set(HEAVY)) == []
+
+
+def test_session_imports_no_optional_subsystem():
+    # A session needs bluesky, ophyd and h5py, but Tiled, Dask, 0MQ, pyFAI and
+    # matplotlib only when they are used (a catalog, the Dask executor, a remote
+    # writer, a detector mask, a plot).
+    loaded = _modules_after(("nxrefine_bs.session", "nxrefine_bs.demo"))
+    assert {"bluesky", "ophyd_async", "h5py"} <= loaded
+    optional = {"matplotlib", "tiled", "bluesky_tiled_plugins", "dask", "distributed", "zmq"}
+    assert sorted(loaded & (optional | {"pyFAI", "scipy.signal"})) == []

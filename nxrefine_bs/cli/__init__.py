@@ -4,6 +4,13 @@ Each module named in :data:`COMMAND_MODULES` contributes sub-commands through a
 ``register(subparsers)`` function; every leaf parser sets ``func``, a callable
 ``func(args) -> int | None``.
 
+Import policy of the command modules: at their top only what building the parser
+needs (argument types, defaults, the step registry); the subsystems a command drives
+(reduction steps, the workflow database, Tiled, pyFAI, matplotlib, 0MQ, the IOC, rich
+tables) are imported inside its ``_cmd_*`` function, so that
+``nxrefine-bs --help`` and every sub-command's ``--help`` stay fast
+(``tests/test_package.py::test_light_imports``).
+
 Errors raised on purpose (:class:`~nxrefine_bs.errors.NXRefineBSError`) and
 operating-system errors on user paths are printed as a single line
 ``nxrefine-bs: error: <message>`` with exit status 2; anything else is an internal
