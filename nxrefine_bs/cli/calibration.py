@@ -31,9 +31,11 @@ import os
 from dataclasses import replace
 from typing import Any
 
+import h5py
 import numpy as np
 
 from ..errors import CalibrationError
+from ..nexus.h5tools import read_field
 
 __all__ = ["register", "cmd_calibrate", "cmd_mask"]
 
@@ -78,10 +80,7 @@ def _flatten(values: list[list[str]] | None) -> list[str] | None:
 
 def _nominal_from_file(target: str, entries: list[str] | None) -> dict[str, Any]:
     """Detector name, wavelength and geometry stored in the first entry to update."""
-    import h5py
-
     from ..calibration.nexus_io import resolve_entries
-    from ..nexus.h5tools import read_field
 
     wanted = resolve_entries(target, entries)
     with h5py.File(target, "r") as f:
@@ -191,11 +190,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _mask_start(target: str, entries: list[str] | None) -> tuple[Any, np.ndarray | None]:
     """Current mask of the first entry (or an empty one with detector gaps) and image."""
-    import h5py
-
     from ..calibration.masks import PixelMask, read_pixel_mask
     from ..calibration.nexus_io import resolve_entries
-    from ..nexus.h5tools import read_field
 
     wanted = resolve_entries(target, entries)
     mask = read_pixel_mask(target, wanted[0])

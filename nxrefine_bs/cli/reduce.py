@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NXRefineBSError, ScanFileError
+from ..nexus.h5tools import nx_group
+from ..nexus.scanfile import update_scan_file
 from ..reduce.parameters import Parameter, parameters_of, split_parameters
 from ..reduce.steps import STEP_ORDER, get_step, run_step, step_entries
 from .output import add_json_option, format_value, print_json, print_results
@@ -293,8 +295,6 @@ def parse_lattice(
 
 
 def _cmd_lattice(args: argparse.Namespace) -> int:
-    from ..nexus.h5tools import nx_group
-    from ..nexus.scanfile import update_scan_file
     from ..reduce.lattice import write_lattice
 
     _check_scan_files(args.scan_files)

@@ -21,6 +21,8 @@ from typing import Any
 
 from ..errors import SettingsError
 from ..experiment import Experiment, scan_directory_name
+from ..nexus.scanfile import create_scan_file
+from ..nexus.template import Position, create_configuration, read_configuration
 from ..settings import (
     EXPERIMENT_SECTIONS,
     SECTIONS,
@@ -49,8 +51,6 @@ def _assignment(text: str) -> tuple[str, str]:
 
 
 def _position(text: str) -> Any:
-    from ..nexus.template import Position
-
     parts = [p.strip() for p in text.split(",")]
     if not 1 <= len(parts) <= 5:
         raise argparse.ArgumentTypeError(
@@ -287,8 +287,6 @@ def _register_experiment(subparsers: Any) -> None:
 
 
 def _configuration_new(args: argparse.Namespace) -> int:
-    from ..nexus.template import Position, create_configuration
-
     experiment = Experiment.open(args.experiment)
     settings = experiment.settings()
     defaults = settings["nxrefine"]
@@ -325,8 +323,6 @@ def _pick(value: Any, default: Any) -> Any:
 
 
 def _configuration_show(args: argparse.Namespace) -> int:
-    from ..nexus.template import read_configuration
-
     path = Path(args.name)
     if path.suffix != ".nxs" or not path.exists():
         path = Experiment.open(args.experiment).configuration_file(args.name)
@@ -398,7 +394,6 @@ def _sample_new(args: argparse.Namespace) -> int:
 
 def _scan_new(args: argparse.Namespace) -> int:
     from ..beamlines import get_beamline
-    from ..nexus.scanfile import create_scan_file
 
     experiment = Experiment.open(args.experiment)
     scan = args.scan

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import WorkflowError
+from ..reduce.parameters import split_parameters
+from ..reduce.steps import STEP_ORDER, STEPS
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +116,6 @@ def _console(args: argparse.Namespace) -> Any:
 
 
 def _cmd_queue(args: argparse.Namespace) -> int:
-    from ..reduce.parameters import split_parameters
-    from ..reduce.steps import STEP_ORDER
     from ..workflow.params import parse_params
     from ..workflow.queue import ReductionQueue
 
@@ -191,7 +191,6 @@ def _cmd_sync(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from ..reduce.steps import STEPS
     from ..workflow.database import status_symbols
     from ..workflow.queue import find_scan_files
 
