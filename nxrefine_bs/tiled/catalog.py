@@ -130,7 +130,7 @@ def open_catalog(
             )
     target = os.fspath(uri_or_dir)
     if _is_uri(target):
-        from tiled.client.context import Context
+        from tiled.client.context import Context  # heavy: tiled, loaded on first use
 
         context = None
         try:  # tiled.client.from_uri, but the connection is closed when it fails
