@@ -511,3 +511,5 @@ def test_writer_out_of_process_with_a_real_run_engine(RE, exp_dir):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        log.join(10)  # the pipe ends with the process
+        consumer.stderr.close()

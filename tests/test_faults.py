@@ -137,6 +137,7 @@ def _kill_trials(experiment_factory, trials: int, seed: int) -> list[dict[str, A
             proc.send_signal(signal.SIGKILL)
         finally:
             proc.wait(60)
+            proc.stdout.close()
         outcomes.append(_check_after_kill(exp_dir))
     return outcomes
 
@@ -281,6 +282,7 @@ def _process(*args: str) -> Any:
             proc.kill()
         proc.wait(30)
         reader.join(10)
+        proc.stdout.close()
 
 
 def _output(proc) -> str:

@@ -94,6 +94,8 @@ def test_a_reader_holding_the_scan_file_never_stalls_or_fails_the_scan(RE, exp_d
     finally:
         holder.kill()
         holder.wait(30)
+        holder.stdin.close()
+        holder.stdout.close()
 
 
 def test_an_nxlock_holder_delays_the_writer_thread_not_the_scan(RE, exp_dir):

@@ -137,9 +137,12 @@ def test_server_uri_from_settings(tmp_path, monkeypatch):
         )
         monkeypatch.setenv("NXREFINE_BS_SETTINGS", str(settings))
         client = open_catalog()
-        register_processed(client, sim.scan_file)
-        assert list(find_processed(client, sample="Si")) == ["Si_xtal1_300K"]
-        assert find_processed(client)["Si_xtal1_300K"]["f1/data/data"].shape[0] == 3
+        try:
+            register_processed(client, sim.scan_file)
+            assert list(find_processed(client, sample="Si")) == ["Si_xtal1_300K"]
+            assert find_processed(client)["Si_xtal1_300K"]["f1/data/data"].shape[0] == 3
+        finally:
+            close_catalog(client)
 
 
 def test_databroker_v1_imports():

@@ -122,7 +122,7 @@ def test_killed_worker_and_killed_client_end_done(tmp_path, cluster, gate):
     )
     assert victim.worker.startswith("dask:w") and victim.host
     os.kill(client.pid, signal.SIGKILL)  # the client, mid-run
-    client.wait(30)
+    client.communicate(timeout=30)  # reaped, pipes closed
     os.kill(victim.pid, signal.SIGKILL)  # the worker, mid-transform
     gate.touch()
     wait_until(lambda: _all_done(db, files), TIMEOUT, "every task DONE after the kills")
@@ -141,7 +141,8 @@ def test_detached_client_exits_and_graph_completes(tmp_path, cluster, gate):
     db = WorkflowDB(tmp_path, lease=LEASE)
     client = _client(db.url, tmp_path, cluster.address, files)
     assert _submitted(client) == 5
-    assert client.wait(60) == 0  # the client is gone...
+    client.communicate(timeout=60)
+    assert client.returncode == 0  # the client is gone...
     assert not _all_done(db, files)  # ...before the work is done (the gate is shut)
     with cluster.client() as c:  # the graph is in the scheduler, heavy steps restricted
         held = c.run_on_scheduler(_restrictions)
@@ -175,7 +176,8 @@ def test_overlapping_submissions_wait_instead_of_failing(tmp_path, cluster, gate
             ("count", "f1"), ("count", "f2"), ("grid", "f1"), ("grid", "f2"), ("merge", "entry")
         }
     for proc in (first, second):
-        assert proc.wait(60) == 0
+        proc.communicate(timeout=60)
+        assert proc.returncode == 0
 
 
 def test_retry_reproduces_the_submitted_grid(tmp_path, cluster, gate):
@@ -186,6 +188,7 @@ def test_retry_reproduces_the_submitted_grid(tmp_path, cluster, gate):
     grid = {"grid": {"qh": [-5.0, 0.05, 5.0]}}
     client = _client(db.url, tmp_path, cluster.address, files, params=grid)
     assert _submitted(client) == 5
+    client.communicate(timeout=60)  # the client exits once it has submitted
     wait_until(
         lambda: db.task_status(files[0], "entry", "merge") is Status.FAILED,
         TIMEOUT,
@@ -237,7 +240,8 @@ def test_two_experiments_share_one_postgres_database(tmp_path, cluster, gate, pg
     db_b.fail(files_a[0], "f1", "count", "only in b")  # same name, other experiment
     assert db_a.task_status(files_a[0], "f1", "count") is Status.DONE
     for c in clients:
-        assert c.wait(60) == 0
+        c.communicate(timeout=60)
+        assert c.returncode == 0
     db_a.close()
 
 

@@ -112,7 +112,7 @@ queue.wait()
         assert "running" in out and rec.host in out and "thread:nxreduce" in out
     finally:
         os.kill(client.pid, signal.SIGKILL)
-        client.wait(30)
+        client.communicate(timeout=30)  # reaped, pipes closed
     assert db.task_status(sim.scan_file, "f1", "grid") is Status.IN_PROGRESS
     # the queued grid of f2 lived only in the dead process: failed at once
     assert db.task_status(sim.scan_file, "f2", "grid") is Status.QUEUED
