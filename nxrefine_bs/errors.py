@@ -148,3 +148,20 @@ class SpecFileError(MetadataError):
 
 class DeviceConnectionError(NXRefineBSError, ConnectionError):
     """Beamline devices (EPICS PVs) did not connect; the message names the PVs."""
+
+    @classmethod
+    def from_failures(
+        cls, failures: list[str], timeout: float, api: str = ""
+    ) -> DeviceConnectionError:
+        """The error for ``failures`` (``"<device>: <PVs or reason>"`` each).
+
+        >>> str(DeviceConnectionError.from_failures(["phi: SIM:phi.RBV"], 5))[:52]
+        'EPICS devices did not connect within 5 s - phi: SIM:'
+        """
+        which = f"EPICS devices ({api})" if api else "EPICS devices"
+        return cls(
+            f"{which} did not connect within {timeout} s - "
+            + "; ".join(failures)
+            + ". Is the IOC running and are EPICS_CA_ADDR_LIST and the [instrument] prefixes "
+            "right?"
+        )

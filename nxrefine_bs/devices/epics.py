@@ -302,12 +302,7 @@ async def connect_epics_beamline(devices: EpicsBeamlineDevices, timeout: float =
         elif isinstance(result, BaseException):
             failures.append(f"{device.name}: {type(result).__name__}: {result}")
     if failures:
-        raise DeviceConnectionError(
-            f"EPICS devices did not connect within {timeout} s - "
-            + "; ".join(failures)
-            + ". Is the IOC running and are EPICS_CA_ADDR_LIST and the [instrument] prefixes "
-            "right?"
-        )
+        raise DeviceConnectionError.from_failures(failures, timeout)
 
 
 def _pv_names(error: NotConnectedError, limit: int = 6) -> str:

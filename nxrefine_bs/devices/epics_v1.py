@@ -721,9 +721,4 @@ def connect_v1_devices(devices: Sequence[Any], timeout: float = 5.0) -> None:
             more = f" and {len(names) - 6} more" if len(names) > 6 else ""
             failures.append(f"{device.name}: {', '.join(names[:6])}{more}")
     if failures:
-        raise DeviceConnectionError(
-            f"EPICS devices (ophyd v1) did not connect within {timeout} s - "
-            + "; ".join(failures)
-            + ". Is the IOC running and are EPICS_CA_ADDR_LIST and the [instrument] prefixes "
-            "right?"
-        )
+        raise DeviceConnectionError.from_failures(failures, timeout, "ophyd v1")
