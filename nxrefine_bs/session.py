@@ -20,8 +20,11 @@ which isolates whatever the user subscribes later, too.
 
 from __future__ import annotations
 
+import atexit
 import logging
-from collections.abc import Sequence
+import os
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +44,13 @@ from .tiled.catalog import close_catalog, open_catalog
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BeamlineSession", "start_session"]
+__all__ = [
+    "BeamlineSession",
+    "start_session",
+    "env_flag",
+    "session_options_from_env",
+    "console_logging",
+]
 
 
 @dataclass
@@ -56,9 +65,13 @@ class BeamlineSession:
     tiled: Any | None = None
     progress: FrameProgress | None = None
     tokens: list[int] = field(default_factory=list)
+    closed: bool = False
 
     def close(self) -> None:
-        """Wait for queued reduction, unsubscribe callbacks and close the catalog."""
+        """Wait for queued reduction, unsubscribe callbacks and close the catalog (once)."""
+        if self.closed:
+            return
+        self.closed = True
         self.writer.flush(600)
         for token in self.tokens:
             self.RE.unsubscribe(token)
@@ -87,6 +100,7 @@ def start_session(
     compression: str | None = None,
     RE: RunEngine | None = None,
     devices: Any | None = None,
+    close_at_exit: bool = False,
 ) -> BeamlineSession:
     """Create a RunEngine with the simulated beamline and every nxrefine-bs callback.
 
@@ -117,6 +131,11 @@ def start_session(
         The beamline's devices (e.g. :func:`nxrefine_bs.devices.epics.make_epics_beamline`,
         connected by the caller); default: a new simulated beamline from ``detector``,
         ``geometry``, ``crystal``, ``seed``.
+    close_at_exit : bool
+        Close the session when the interpreter exits (IPython profiles), *before* Python
+        waits for non-daemon threads such as the embedded catalog's: a plain
+        :mod:`atexit` handler would only run after that wait, which never ends.
+        Exit handlers registered later run earlier.
     """
     experiment_dir = Path(experiment_dir).absolute()
     RE = RE if RE is not None else BeamlineRunEngine({})
@@ -158,5 +177,72 @@ def start_session(
         simulator_kwargs=simulator_kwargs,
         compression=compression,
     )
+    if close_at_exit:
+        getattr(threading, "_register_atexit", atexit.register)(session.close)
     logger.info("beamline session ready in %s", experiment_dir)
     return session
+
+
+def env_flag(value: str | None, default: bool) -> bool:
+    """True/False from an environment value (``1``, ``yes``, ``true``, ``on`` are true).
+
+    >>> env_flag("Yes", False), env_flag("0", True), env_flag("", True), env_flag(None, False)
+    (True, False, True, False)
+    """
+    if value is None or not value.strip():
+        return default
+    return value.strip().lower() in ("1", "yes", "true", "on")
+
+
+def session_options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """:func:`start_session` options from the profiles' environment variables.
+
+    ``NXREFINE_BS_REDUCE``: comma- or space-separated post-scan steps (unset, empty or
+    ``none``: none); ``NXREFINE_BS_TILED``: ``1`` (default, the embedded catalog), ``0``
+    or a ``http(s)://`` server; ``NXREFINE_BS_PROGRESS``: ``1`` (default) or ``0``.
+
+    >>> opts = session_options_from_env(
+    ...     {"NXREFINE_BS_REDUCE": "max, find", "NXREFINE_BS_TILED": "http://h:8000"}
+    ... )
+    >>> opts["reduce_steps"], opts["tiled"], opts["progress"]
+    (('max', 'find'), 'http://h:8000', True)
+    >>> session_options_from_env({"NXREFINE_BS_REDUCE": "none", "NXREFINE_BS_TILED": "0"})
+    {'reduce_steps': (), 'tiled': False, 'progress': True}
+    """
+    env = os.environ if environ is None else environ
+    steps = env.get("NXREFINE_BS_REDUCE", "").replace(",", " ").split()
+    tiled_value = env.get("NXREFINE_BS_TILED")
+    tiled: bool | str
+    if tiled_value and tiled_value.strip().startswith(("http://", "https://")):
+        tiled = tiled_value.strip()
+    else:
+        tiled = env_flag(tiled_value, True)
+    return {
+        "reduce_steps": () if steps in ([], ["none"]) else tuple(steps),
+        "tiled": tiled,
+        "progress": env_flag(env.get("NXREFINE_BS_PROGRESS"), True),
+    }
+
+
+def console_logging(level_name: str | None) -> None:
+    """Send ``nxrefine_bs`` log records of ``level_name`` and above to stderr.
+
+    None or empty leaves logging alone (warnings only).  The records do not propagate
+    to the root logger, whose IPython handler would print them again.
+
+    Raises
+    ------
+    ValueError
+        For a name that is not a :mod:`logging` level.
+    """
+    if not level_name:
+        return
+    level = logging.getLevelName(level_name.strip().upper())
+    if not isinstance(level, int):
+        raise ValueError(f"NXREFINE_BS_LOG={level_name!r} is not a logging level (INFO, DEBUG...)")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log = logging.getLogger("nxrefine_bs")
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False

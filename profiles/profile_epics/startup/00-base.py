@@ -40,22 +40,8 @@ from nxrefine_bs.devices import default_geometry, detector_model  # noqa: E402
 from nxrefine_bs.devices.epics import instrument_prefixes  # noqa: E402
 from nxrefine_bs.experiment import Experiment  # noqa: E402
 from nxrefine_bs.nexus.geometry_io import read_geometry  # noqa: E402
+from nxrefine_bs.session import console_logging  # noqa: E402
 from nxrefine_bs.settings import load_experiment_settings  # noqa: E402
-
-
-def _setup_logging(level_name: str | None) -> None:
-    """Send ``nxrefine_bs`` log records of ``level_name`` and above to stderr."""
-    if not level_name:
-        return
-    level = logging.getLevelName(level_name.strip().upper())
-    if not isinstance(level, int):
-        raise ValueError(f"NXREFINE_BS_LOG={level_name!r} is not a logging level (INFO, DEBUG...)")
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger = logging.getLogger("nxrefine_bs")
-    logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = False
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -79,7 +65,7 @@ def _configuration(experiment, name: str | None) -> Path | None:
     return path.absolute()
 
 
-_setup_logging(os.environ.get("NXREFINE_BS_LOG"))
+console_logging(os.environ.get("NXREFINE_BS_LOG"))
 _exp = os.environ.get("NXREFINE_BS_EXPERIMENT")
 EXPERIMENT_IS_TEMPORARY = not _exp
 EXPERIMENT = (

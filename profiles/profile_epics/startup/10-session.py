@@ -18,36 +18,13 @@ NXREFINE_BS_DEVICE_API
     areaDetector with an HDF5 plugin) through :mod:`nxrefine_bs.devices.epics_v1`.
 """
 
-import atexit
 import os
-import threading
 
 from bluesky.run_engine import call_in_bluesky_event_loop
 
 from nxrefine_bs.callbacks.isolation import BeamlineRunEngine
 from nxrefine_bs.devices.epics import connect_epics_beamline, make_epics_beamline
-from nxrefine_bs.session import start_session
-
-
-def _flag(value: str | None, default: bool) -> bool:
-    """True/False from an environment value (``1``, ``yes``, ``true``, ``on`` are true)."""
-    if value is None or not value.strip():
-        return default
-    return value.strip().lower() in ("1", "yes", "true", "on")
-
-
-def _reduce_steps(value: str | None) -> tuple[str, ...]:
-    """Post-scan reduction steps from ``NXREFINE_BS_REDUCE`` (empty or ``none``: none)."""
-    text = (value or "").replace(",", " ").split()
-    return () if text in ([], ["none"]) else tuple(text)
-
-
-def _tiled_target(value: str | None) -> bool | str:
-    """``start_session(tiled=...)`` from ``NXREFINE_BS_TILED`` (a flag or a server URL)."""
-    if value and value.strip().startswith(("http://", "https://")):
-        return value.strip()
-    return _flag(value, True)
-
+from nxrefine_bs.session import session_options_from_env, start_session
 
 RE = BeamlineRunEngine({})
 bl = make_epics_beamline(
@@ -66,14 +43,9 @@ session = start_session(
     EXPERIMENT_DIR,  # noqa: F821
     devices=bl,
     RE=RE,
-    reduce_steps=_reduce_steps(os.environ.get("NXREFINE_BS_REDUCE")),
-    tiled=_tiled_target(os.environ.get("NXREFINE_BS_TILED")),
-    progress=_flag(os.environ.get("NXREFINE_BS_PROGRESS"), True),
+    close_at_exit=True,
+    **session_options_from_env(),
 )
-# Close the session before Python waits for its worker threads (the embedded Tiled
-# catalog's threads are not daemons: a plain atexit handler would run only after that
-# wait, which never ends).
-getattr(threading, "_register_atexit", atexit.register)(session.close)
 writer = session.writer
 reduction = session.reduction
 tiled = session.tiled

@@ -37,27 +37,7 @@ logging.getLogger("silx.opencl.common").setLevel(logging.ERROR)
 from nxrefine_bs.devices import default_geometry, detector_model  # noqa: E402
 from nxrefine_bs.experiment import Experiment  # noqa: E402
 from nxrefine_bs.nexus.template import Position, create_configuration  # noqa: E402
-
-
-def _setup_logging(level_name: str | None) -> None:
-    """Send ``nxrefine_bs`` log records of ``level_name`` and above to stderr.
-
-    Parameters
-    ----------
-    level_name : str or None
-        A :mod:`logging` level name; None or empty leaves logging alone (warnings only).
-    """
-    if not level_name:
-        return
-    level = logging.getLevelName(level_name.strip().upper())
-    if not isinstance(level, int):
-        raise ValueError(f"NXREFINE_BS_LOG={level_name!r} is not a logging level (INFO, DEBUG...)")
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger = logging.getLogger("nxrefine_bs")
-    logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = False  # IPython's root handler would print every record again
+from nxrefine_bs.session import console_logging  # noqa: E402
 
 
 def _open_experiment(directory: str | None):
@@ -133,7 +113,7 @@ def _configuration(experiment, detector: str, geometry, name: str | None) -> Pat
     return path
 
 
-_setup_logging(os.environ.get("NXREFINE_BS_LOG"))
+console_logging(os.environ.get("NXREFINE_BS_LOG"))
 
 EXPERIMENT, EXPERIMENT_IS_TEMPORARY = _open_experiment(os.environ.get("NXREFINE_BS_EXPERIMENT"))
 EXPERIMENT_DIR = EXPERIMENT.directory

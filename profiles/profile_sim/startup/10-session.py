@@ -32,52 +32,7 @@ import threading
 from pathlib import Path
 
 from nxrefine_bs.demo import DEMO_THERMAL
-from nxrefine_bs.session import start_session
-
-
-def _reduce_steps(value: str | None) -> tuple[str, ...]:
-    """Post-scan reduction steps from ``NXREFINE_BS_REDUCE``.
-
-    Parameters
-    ----------
-    value : str or None
-        Comma- or space-separated step names; None, empty or ``none`` for no steps.
-
-    Returns
-    -------
-    tuple of str
-        Step names (validated by :class:`~nxrefine_bs.callbacks.reduction.PostScanReduction`).
-    """
-    text = (value or "").replace(",", " ").split()
-    return () if text in ([], ["none"]) else tuple(text)
-
-
-def _flag(value: str | None, default: bool) -> bool:
-    """True/False from an environment value (``1``, ``yes``, ``true``, ``on`` are true).
-
-    Parameters
-    ----------
-    value : str or None
-        The variable's value; None or empty gives ``default``.
-    default : bool
-        Value when unset.
-    """
-    if value is None or not value.strip():
-        return default
-    return value.strip().lower() in ("1", "yes", "true", "on")
-
-
-def _tiled_target(value: str | None) -> bool | str:
-    """``start_session(tiled=...)`` from ``NXREFINE_BS_TILED`` (a flag or a server URL).
-
-    Parameters
-    ----------
-    value : str or None
-        ``1``/``0`` or an ``http(s)://`` URL; None: embedded catalog.
-    """
-    if value and value.strip().startswith(("http://", "https://")):
-        return value.strip()
-    return _flag(value, True)
+from nxrefine_bs.session import env_flag, session_options_from_env, start_session
 
 
 def _remove_temporary_experiment(experiment_dir: Path) -> None:
@@ -94,26 +49,26 @@ def _remove_temporary_experiment(experiment_dir: Path) -> None:
         shutil.rmtree(home, ignore_errors=True)
 
 
-THERMAL = DEMO_THERMAL if _flag(os.environ.get("NXREFINE_BS_THERMAL"), True) else None
+THERMAL = DEMO_THERMAL if env_flag(os.environ.get("NXREFINE_BS_THERMAL"), True) else None
+KEEP_EXPERIMENT = not EXPERIMENT_IS_TEMPORARY or env_flag(  # noqa: F821  (00-base.py)
+    os.environ.get("NXREFINE_BS_KEEP"), False
+)
+# Exit handlers registered later run earlier: the session (registered by start_session)
+# is closed first, then the temporary experiment removed.  threading's exit hook runs
+# before Python waits for the session's worker threads (see start_session).
+if not KEEP_EXPERIMENT:
+    getattr(threading, "_register_atexit", atexit.register)(
+        _remove_temporary_experiment,
+        EXPERIMENT_DIR,  # noqa: F821
+    )
 session = start_session(
     EXPERIMENT_DIR,  # noqa: F821  (00-base.py)
     detector=DETECTOR_MODEL,  # noqa: F821
     geometry=GEOMETRY,  # noqa: F821
-    reduce_steps=_reduce_steps(os.environ.get("NXREFINE_BS_REDUCE")),
-    tiled=_tiled_target(os.environ.get("NXREFINE_BS_TILED")),
-    progress=_flag(os.environ.get("NXREFINE_BS_PROGRESS"), True),
     simulator_kwargs={"thermal": THERMAL},
+    close_at_exit=True,
+    **session_options_from_env(),
 )
-KEEP_EXPERIMENT = not EXPERIMENT_IS_TEMPORARY or _flag(  # noqa: F821  (00-base.py)
-    os.environ.get("NXREFINE_BS_KEEP"), False
-)
-# Close the session before Python waits for the session's worker threads (a plain
-# atexit handler would run only after that wait, which never ends); last-registered
-# runs first: close, then remove the temporary experiment.
-_at_exit = getattr(threading, "_register_atexit", atexit.register)
-if not KEEP_EXPERIMENT:
-    _at_exit(_remove_temporary_experiment, EXPERIMENT_DIR)  # noqa: F821
-_at_exit(session.close)
 
 RE = session.RE
 bl = session.devices
