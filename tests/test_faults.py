@@ -428,3 +428,37 @@ def test_full_disk_during_each_reduction_step(small_tmpfs, server_settings, step
     filler.unlink()
     result = run_step(step, sim.scan_file, entry, **params.get(step, {}))
     assert result.get("status", "done") in ("done", "skipped")
+
+
+def test_repair_sets_aside_a_detector_file_cut_off_at_creation(experiment_factory):
+    """A kill while HDF5 created ``f1.h5`` leaves 48 bytes that nothing can open (seen in
+    the twenty-trial run): repair renames it ``f1.h5.truncated`` (kept, not deleted),
+    marks the entry crash with 0 frames, and every ``*.h5`` of the scan opens again."""
+    exp_dir = experiment_factory()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SCAN_SCRIPT, str(exp_dir), "f1"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert proc.stdout.readline().strip() == "done"
+    finally:
+        proc.wait(60)
+        proc.stdout.close()
+    scan_file = exp_dir / "s" / "x" / "s_300K.nxs"
+    raw = scan_file.parent / "300K" / "f1.h5"
+    with h5py.File(scan_file, "r+") as f:  # as if the writer had died during f1
+        f["f1/acquisition/status"][()] = "running"
+    with open(raw, "r+b") as fh:  # as if killed while HDF5 created the file: superblock only
+        fh.truncate(48)
+    with pytest.raises(OSError):
+        h5py.File(raw, "r")
+    report = repair_scan_file(scan_file)
+    assert report.set_aside == [raw.with_name("f1.h5.truncated")]
+    assert not raw.exists() and raw.with_name("f1.h5.truncated").stat().st_size == 48
+    assert report.crashed == {"f1": 0}
+    outcome = _check_after_kill(exp_dir)  # every detector file and the scan file open
+    assert outcome["crashed"] == {} and outcome["entries"] == ["f1"]
+    with h5py.File(scan_file, "r") as f:
+        assert f["f1/acquisition/status"][()].decode() == "crash"
+    # a file that opens is never touched, whatever its size
+    assert repair_scan_file(scan_file).set_aside == []

@@ -109,7 +109,11 @@ def _cmd_repair(args: argparse.Namespace) -> int:
         report = repair_scan_file(scan_file)
         cleared = ", ".join(p.name for p in report.cleared) or "none"
         crashed = ", ".join(f"{e} ({n} frames)" for e, n in report.crashed.items()) or "none"
-        print(f"{scan_file}: cleared open-for-write flags: {cleared}; marked crash: {crashed}")
+        line = f"{scan_file}: cleared open-for-write flags: {cleared}; marked crash: {crashed}"
+        if report.set_aside:
+            names = ", ".join(p.name for p in report.set_aside)
+            line += f"; cut off at creation, no frame, renamed: {names}"
+        print(line)
     return 0
 
 

@@ -12,6 +12,12 @@ lookup3 checksum (the checksum HDF5 uses for its metadata).
 flags of every linked detector file whose writer is gone, and turns an entry still
 marked ``running`` (its writer died) into ``crash`` with the number of frames that are
 actually readable, so nothing is reduced as if complete.
+
+A detector file cut off while HDF5 created it (the process killed between the first
+bytes of the superblock and the root group: shorter than the end of allocation its
+superblock records, and unreadable) holds no frame.  It is renamed
+``<name>.truncated`` - kept, never deleted - so that every ``*.h5`` of the scan
+directory opens again and a re-collection (``recollect=True``) starts cleanly.
 """
 
 from __future__ import annotations
@@ -34,7 +40,13 @@ from .scanfile import rotation_entries, update_scan_file
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["clear_open_for_write", "is_marked_open", "repair_scan_file", "RepairReport"]
+__all__ = [
+    "clear_open_for_write",
+    "is_marked_open",
+    "repair_scan_file",
+    "set_aside_if_truncated",
+    "RepairReport",
+]
 
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
@@ -145,6 +157,56 @@ class RepairReport:
     crashed: dict[str, int] = field(default_factory=dict)  # entry -> readable frames
     linked: list[str] = field(default_factory=list)  # entries whose frames were unlinked
     removed: list[Path] = field(default_factory=list)  # stale temporary copies deleted
+    set_aside: list[Path] = field(default_factory=list)  # truncated files, renamed
+
+
+def _stored_eoa(path: Path) -> int | None:
+    """End-of-allocation address a version-2/3 superblock records (None if unknown)."""
+    try:
+        offset, block = _superblock(path)
+    except (ScanFileError, OSError):
+        return None
+    if not block:
+        return None
+    size_o = block[9]
+    fmt = {4: "<I", 8: "<Q"}.get(size_o)
+    if fmt is None or len(block) < 12 + 3 * size_o:
+        return None
+    base = struct.unpack_from(fmt, block, 12)[0]
+    return int(offset + base + struct.unpack_from(fmt, block, 12 + 2 * size_o)[0])
+
+
+def set_aside_if_truncated(path: str | os.PathLike[str]) -> Path | None:
+    """Rename a detector file cut off during its creation to ``<name>.truncated``.
+
+    Only a file that HDF5 cannot open *and* that is shorter than the end of allocation
+    its own superblock records is touched; anything else is left as it is.  Returns the
+    new path, or None.
+    """
+    path = Path(path)
+    try:
+        with h5py.File(path, "r"):
+            return None
+    except OSError:
+        pass
+    eoa = _stored_eoa(path)
+    size = path.stat().st_size
+    if eoa is None or size >= eoa:
+        return None
+    target = path.with_name(path.name + ".truncated")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.truncated{n}")
+    path.rename(target)
+    logger.warning(
+        "%s was cut off while it was created (%d of %d bytes, no frame): renamed %s",
+        path,
+        size,
+        eoa,
+        target.name,
+    )
+    return target
 
 
 def _readable_frames(path: Path, dataset: str) -> int:
@@ -194,8 +256,14 @@ def repair_scan_file(scan_file: str | os.PathLike[str]) -> RepairReport:
                 links[entry] = (path.resolve(), "/entry/data/data")
                 report.linked.append(entry)
     for path in sorted(candidates):
-        if path.is_file() and clear_open_for_write(path):
-            report.cleared.append(path)
+        if not path.is_file():
+            continue
+        with contextlib.suppress(ScanFileError):  # e.g. a superblock cut short
+            if clear_open_for_write(path):
+                report.cleared.append(path)
+        aside = set_aside_if_truncated(path)
+        if aside is not None:
+            report.set_aside.append(aside)
     report.removed = remove_stale_temporaries(scan_file)  # copies a killed update left
     if running:
         with update_scan_file(scan_file) as f:
