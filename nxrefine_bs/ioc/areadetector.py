@@ -178,10 +178,10 @@ class AreaDetectorSim:
         hdf.rw("enum", "EnableCallbacks", ("Disable", "Enable"))
         hdf.rw("integer", "NDArrayAddress", 0)
         hdf.rw("integer", "QueueSize", 20)
-        hdf.rw("boolean", "PositionMode")
+        hdf.rw("boolean", "PositionMode", choices=("Off", "On"))
         self.compression, _ = hdf.rw("enum", "Compression", COMPRESSIONS)
         hdf.rw("integer", "NumExtraDims", 0)
-        self.swmr, _ = hdf.rw("boolean", "SWMRMode")
+        self.swmr, _ = hdf.rw("boolean", "SWMRMode", choices=("Off", "On"))  # bo ZNAM/ONAM
         self.flush_now = hdf.boolean("FlushNow")
         hdf.rw("string", "XMLFileName", "")
         hdf.rw("integer", "NumFramesChunks", 1)
