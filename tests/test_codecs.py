@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import h5py
 import numpy as np
 import pytest
@@ -57,15 +59,20 @@ def test_bitshuffle_lz4_is_decoded_outside_h5py(tmp_path):
 
 
 @pytest.mark.parametrize("codec", ["bslz4", "gzip"])
-def test_tiled_and_deep_chunks_with_partial_edges(tmp_path, codec):
-    """Chunks that tile the frame (with partial edge chunks) and span several frames."""
+def test_tiled_and_deep_chunks_with_partial_edges(tmp_path, codec, caplog):
+    """Chunks that tile the frame (with partial edge chunks) and span several frames,
+    decoded by the chunk decoder itself (no chunk handed back to HDF5's pipeline)."""
     frames = _frames(5)
     src = _write(tmp_path / "t.h5", frames, codec, chunks=(4, 16, 20))
-    with FrameStream(src, readers=2) as stream:
+    with (
+        caplog.at_level(logging.DEBUG, logger="nxrefine_bs.nexus.codecs"),
+        FrameStream(src, readers=2) as stream,
+    ):
         assert stream.block_frames == 4
         got = {s: b.copy() for s, b in stream.blocks(2, 9)}
     assert sorted(got) == [2, 4, 8]
     np.testing.assert_array_equal(np.concatenate([got[s] for s in sorted(got)]), frames[2:9])
+    assert not [r for r in caplog.records if ": chunk (" in r.getMessage()]
 
 
 def test_shuffle_gzip_and_float_data(tmp_path):

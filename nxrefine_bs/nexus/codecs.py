@@ -384,7 +384,12 @@ class ChunkReader:
                 continue
             whole = a == z0 and b == z0 + cz and target.shape[1:] == (cy, cx)
             try:
-                if whole and self._direct and target.dtype == self.dtype:
+                if (
+                    whole
+                    and self._direct
+                    and target.dtype == self.dtype
+                    and target.flags.c_contiguous
+                ):
                     # decode straight into the caller's buffer (contiguous: whole frames)
                     self._decode(buf, (cz, cy, cx), self.dtype, out=target)
                 else:
