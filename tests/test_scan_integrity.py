@@ -158,6 +158,18 @@ def test_failed_update_leaves_the_previous_content(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["scan.nxs"]  # no temporary left
 
 
+def _pause_after_frames(RE, n):
+    """A callback that asks ``RE`` to pause (once) when ``n`` frames have been declared."""
+    requested: list[int] = []
+
+    def pause_early(name, doc):
+        if name == "stream_datum" and doc["indices"]["stop"] >= n and not requested:
+            requested.append(1)
+            threading.Thread(target=RE.request_pause).start()
+
+    return pause_early
+
+
 @pytest.mark.parametrize("how", ["stop", "abort", "halt"])
 def test_interrupted_rotation_is_recorded_truthfully_and_not_reduced(RE, exp_dir, how):
     bl = small_beamline(exp_dir, frame_time=0.02)
@@ -165,13 +177,7 @@ def test_interrupted_rotation_is_recorded_truthfully_and_not_reduced(RE, exp_dir
     reduction = PostScanReduction(["max"], writer=writer)
     RE.subscribe(reduction, critical=True)
     RE.subscribe(writer)
-    requested: list[int] = []
-
-    def pause_early(name, doc):
-        if name == "stream_datum" and doc["indices"]["stop"] >= 5 and not requested:
-            requested.append(1)
-            threading.Thread(target=RE.request_pause).start()
-
+    pause_early = _pause_after_frames(RE, 5)
     RE.subscribe(pause_early, critical=True)
     with pytest.raises(RunEngineInterrupted):
         RE(scan(bl, exp_dir, phi_end=30.0))
@@ -335,13 +341,7 @@ def test_an_interrupted_rotation_is_recollected_into_the_same_entry(RE, exp_dir)
     bl = small_beamline(exp_dir, frame_time=0.02)
     writer = NeXusScanWriter()
     RE.subscribe(writer)
-    requested: list[int] = []
-
-    def pause_early(name, doc):
-        if name == "stream_datum" and doc["indices"]["stop"] >= 5 and not requested:
-            requested.append(1)
-            threading.Thread(target=RE.request_pause).start()
-
+    pause_early = _pause_after_frames(RE, 5)
     token = RE.subscribe(pause_early, critical=True)
     with pytest.raises(RunEngineInterrupted):
         RE(scan(bl, exp_dir, phi_end=15.0))
